@@ -1,0 +1,8 @@
+"""Attention variants, selected by name through the registry.
+
+Importing this package imports every variant module, and each registers itself.
+"""
+
+from nsa_lab.attention.registry import Variant, build_attention, get_variant, list_variants
+
+__all__ = ["Variant", "build_attention", "get_variant", "list_variants"]

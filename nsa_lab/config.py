@@ -1,0 +1,283 @@
+"""Typed experiment configuration.
+
+The schema is a tree of dataclasses; OmegaConf merges, in order, the schema's
+defaults, any YAML files and any ``key=value`` overrides, and rejects unknown
+keys and ill-typed values. :func:`validate` then checks the rules that types
+cannot express (the NSA block arithmetic of ``NSA_SPEC.md``, GQA divisibility,
+branch names). Every failure raises :class:`ConfigError`, whose message names the
+key, the value and the rule, so that the CLI can exit with code 2 before any
+work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BRANCHES = ("cmp", "slc", "win")
+IMPLS = ("auto", "torch", "triton")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+DATA_SOURCES = ("builtin", "text", "json", "parquet", "hub")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, reported as ``key=value: rule``."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(f"invalid config: {key}={value!r}: {rule}")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only GQA transformer (RMSNorm pre-norm, RoPE, SwiGLU, tied embeddings)."""
+
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    max_seq_len: int = 512
+    # SwiGLU hidden width; 0 means round(8/3 * d_model) up to a multiple of 64.
+    ffn_hidden: int = 0
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class AttnConfig:
+    """Attention variant and NSA hyper-parameters (names as in NSA_SPEC.md)."""
+
+    name: str = "nsa"
+    l: int = 32  # compression block length
+    d: int = 16  # compression stride
+    l_sel: int = 64  # selection block length (l' in the paper)
+    n: int = 16  # selected blocks per query, forced ones included
+    w: int = 512  # sliding-window length
+    # None means "the variant's own choice" (e.g. nsa_no_cmp -> [slc, win]);
+    # resolve() writes the effective value so that runs log what they used.
+    branches: list[str] | None = None
+    shared_kv: bool | None = None
+    force_init_local: bool = True
+    impl: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and batching."""
+
+    source: str = "builtin"  # builtin | text | json | parquet | hub
+    path: str | None = None  # file/glob for local sources, dataset id for hub
+    name: str | None = None  # hub dataset configuration
+    split: str = "train"
+    text_field: str = "text"
+    val_path: str | None = None  # explicit validation file; else a held-out tail
+    val_fraction: float = 0.05
+    seq_len: int = 256
+    batch_size: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, hardware and checkpointing."""
+
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16-mixed where the GPU has bf16, else 32-true
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: str = "auto"
+    val_every: int = 100
+    val_batches: int = 20
+    log_every: int = 10
+    ckpt_dir: str = "checkpoints"
+    # false, true (latest checkpoint of this run name) or a checkpoint path
+    resume: str = "false"
+
+
+@dataclass
+class TrackingConfig:
+    """Where MLflow runs go."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "nsa-lab"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge schema defaults, YAML ``files`` and dotlist ``overrides``, then validate.
+
+    Returns a structured (typed, closed) ``DictConfig`` with the variant's
+    defaults filled in.
+    """
+    cfg = OmegaConf.structured(Config)
+    for path in files:
+        if not Path(path).is_file():
+            raise ConfigError("config file", str(path), "no such file")
+        _merge(cfg, OmegaConf.load(path), source=str(path))
+    _merge(cfg, _parse_overrides(overrides), source="command line")
+    resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, None, "overrides are written key=value (e.g. attn.l=32)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError("command line", list(overrides), _first_line(exc)) from None
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> None:
+    try:
+        cfg.merge_with(other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or source
+        value = _lookup(other, key)
+        rule = _first_line(exc)
+        if "not in" in rule or "Key '" in rule:
+            rule = f"unknown key ({source}); see `nsa-lab config` for the valid keys"
+        raise ConfigError(key, value, rule) from None
+
+
+def _lookup(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def resolve(cfg: DictConfig) -> None:
+    """Fill the attention fields left as None with the chosen variant's defaults."""
+    from nsa_lab.attention import get_variant
+
+    variant = get_variant(cfg.attn.name)  # raises ConfigError for unknown names
+    for key, value in variant.defaults.items():
+        if cfg.attn[key] is None:
+            cfg.attn[key] = value
+    if cfg.attn.branches is None:
+        cfg.attn.branches = list(BRANCHES)
+    if cfg.attn.shared_kv is None:
+        cfg.attn.shared_kv = False
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the rules that types cannot express; raise ConfigError on the first breach."""
+    _validate_model(cfg.model)
+    _validate_attn(cfg.attn)
+    _validate_data(cfg.data, cfg.model)
+    _validate_train(cfg.train)
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, rule)
+
+
+def _require_positive(section: DictConfig, prefix: str, keys: Sequence[str]) -> None:
+    for key in keys:
+        _require(section[key] >= 1, f"{prefix}.{key}", section[key], "must be >= 1")
+
+
+def _validate_model(m: DictConfig) -> None:
+    _require_positive(
+        m, "model", ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "max_seq_len")
+    )
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_heads",
+        m.n_heads,
+        f"must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)",
+    )
+    _require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (RoPE)")
+    _require(m.ffn_hidden >= 0, "model.ffn_hidden", m.ffn_hidden, "must be >= 0 (0 = auto)")
+
+
+def _validate_attn(a: DictConfig) -> None:
+    _require_positive(a, "attn", ("l", "d", "l_sel", "n", "w"))
+    _require(a.l % a.d == 0, "attn.d", a.d, f"must divide attn.l={a.l}")
+    _require(a.l_sel % a.d == 0, "attn.d", a.d, f"must divide attn.l_sel={a.l_sel}")
+    _require(a.l <= a.l_sel, "attn.l", a.l, f"must be <= attn.l_sel={a.l_sel}")
+    if a.force_init_local:
+        _require(
+            a.n >= 3,
+            "attn.n",
+            a.n,
+            "must be >= 3 when force_init_local=true (1 initial + 2 local blocks are forced)",
+        )
+    branches = list(a.branches)
+    _require(len(branches) > 0, "attn.branches", branches, f"must be a non-empty subset of {list(BRANCHES)}")
+    for b in branches:
+        _require(b in BRANCHES, "attn.branches", branches, f"unknown branch {b!r}; use {list(BRANCHES)}")
+    _require(len(set(branches)) == len(branches), "attn.branches", branches, "lists a branch twice")
+    _require(a.impl in IMPLS, "attn.impl", a.impl, f"must be one of {list(IMPLS)}")
+
+
+def _validate_data(dc: DictConfig, m: DictConfig) -> None:
+    _require(dc.source in DATA_SOURCES, "data.source", dc.source, f"must be one of {list(DATA_SOURCES)}")
+    if dc.source != "builtin":
+        _require(dc.path is not None, "data.path", dc.path, f"is required for data.source={dc.source}")
+    _require_positive(dc, "data", ("seq_len", "batch_size"))
+    _require(
+        dc.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        dc.seq_len,
+        f"must be <= model.max_seq_len={m.max_seq_len}",
+    )
+    _require(0 < dc.val_fraction < 1, "data.val_fraction", dc.val_fraction, "must lie in (0, 1)")
+    _require(dc.num_workers >= 0, "data.num_workers", dc.num_workers, "must be >= 0")
+
+
+def _validate_train(t: DictConfig) -> None:
+    _require_positive(t, "train", ("max_steps", "val_every", "val_batches", "log_every"))
+    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    _require(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {list(PRECISIONS)}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """``{"attn.l": 32, ...}``: the config as flat MLflow params (lists as strings)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = ",".join(map(str, node)) if isinstance(node, list) else node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
