@@ -1,0 +1,79 @@
+"""MLflow bookkeeping for a training run: logger, params, tags, artifacts, status."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from nsa_lab.config import flatten, to_yaml
+from nsa_lab.tracking.plots import plot_loss_curves
+
+
+def git_commit() -> str:
+    """The commit of the working directory's repo, ``+dirty`` if it has changes, else ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (``<db dir>/mlartifacts``), not in the process's cwd."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
+
+
+def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
+    """An MLflow logger for ``cfg``; ``run_id`` continues an existing run (resume)."""
+    return MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name,
+        tracking_uri=cfg.tracking.uri,
+        tags={"variant": cfg.attn.name, "git_commit": git_commit()},
+        artifact_location=artifact_location(cfg.tracking.uri),
+        run_id=run_id,
+    )
+
+
+def log_config(logger: MLFlowLogger, cfg: DictConfig, extra: dict[str, object]) -> None:
+    """Flat params (``attn.l``...) plus the resolved YAML as ``config.yaml``.
+
+    MLflow refuses to change a logged param, so a resumed run logs params only once.
+    """
+    run = logger.experiment.get_run(logger.run_id)
+    if not run.data.params:
+        logger.log_hyperparams({**flatten(cfg), **extra})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(to_yaml(cfg))
+        logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def log_loss_curves(client: MlflowClient, run_id: str) -> None:
+    """Plot the run's train and validation loss histories into ``loss_curve.png``."""
+    histories = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in ("train/loss", "val/loss")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "loss_curve.png"
+        plot_loss_curves({"": histories}, path)
+        client.log_artifact(run_id, str(path))
+
+
+def finish(client: MlflowClient, run_id: str, ok: bool) -> None:
+    client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

@@ -1,0 +1,1 @@
+"""Lightning training: the module, its callbacks and the run driver."""

@@ -1,0 +1,88 @@
+"""The LightningModule: next-token loss, AdamW, warmup + cosine, and what to log."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from nsa_lab.models.transformer import GQATransformer
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class LanguageModel(L.LightningModule):
+    """Trains :class:`GQATransformer` on packed ``(inputs, targets)`` batches.
+
+    The resolved config travels in the checkpoint's hyper-parameters, so a
+    checkpoint alone rebuilds the model (evaluation, resume).
+    """
+
+    def __init__(self, config: dict, vocab_size: int) -> None:
+        super().__init__()
+        # logger=False: the tracking layer logs the config as flat "attn.l" params.
+        self.save_hyperparameters(logger=False)
+        self.cfg: DictConfig = OmegaConf.create(config)
+        self.model = GQATransformer(self.cfg.model, self.cfg.attn, vocab_size)
+        self._val_loss_sum = torch.zeros(())
+        self._val_count = 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = next_token_loss(self.model(inputs), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % self.cfg.train.log_every == 0:
+            for key, value in self.model.gate_means().items():
+                self.log(f"gates/{key}", value)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_count = 0
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        loss = next_token_loss(self.model(inputs), targets)
+        self._val_loss_sum += loss.detach() * inputs.shape[0]
+        self._val_count += inputs.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        # Sequence-weighted mean over all ranks, so the last partial batch and
+        # uneven shards count exactly once per sequence.
+        totals = torch.stack([self._val_loss_sum, torch.tensor(float(self._val_count), device=self.device)])
+        totals = self.all_gather(totals)
+        if totals.ndim == 2:
+            totals = totals.sum(0)
+        val_loss = totals[0] / totals[1].clamp_min(1)
+        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

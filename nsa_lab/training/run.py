@@ -1,0 +1,140 @@
+"""``nsa-lab train``: wire config, data, model, MLflow and the Lightning Trainer together."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from nsa_lab.config import ConfigError
+from nsa_lab.data import NSADataModule
+from nsa_lab.tracking.mlflow_run import finish, log_config, log_loss_curves, make_logger
+from nsa_lab.training.callbacks import AtomicCheckpointIO, RunIdInCheckpoint, TokenThroughput
+from nsa_lab.training.module import LanguageModel
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_name: str
+    checkpoint: Path
+    val_loss: float
+    global_step: int
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Train ``cfg`` (already validated) and return where its run and checkpoint are.
+
+    The MLflow run ends FINISHED, or FAILED on any exception or Ctrl-C; a crash
+    leaves ``on_exception.ckpt`` beside the periodic ``last.ckpt`` for ``train.resume``.
+    """
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    resume_path = resolve_resume(cfg)  # also fixes cfg.tracking.run_name
+    data = NSADataModule(cfg.data, cfg.train.seed)
+    data.setup("fit")  # data errors surface before a run is created
+    module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
+
+    logger = make_logger(cfg, run_id=_run_id_in(resume_path))
+    run_id = logger.run_id
+    log_config(
+        logger,
+        cfg,
+        {"model.n_params": module.model.num_params(), "data.train_tokens": data.n_train_tokens},
+    )
+    ckpt_dir = Path(cfg.train.ckpt_dir) / cfg.tracking.run_name
+    trainer = _make_trainer(cfg, logger, ckpt_dir, run_id)
+    ok = False
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_path)
+        if trainer.global_step % cfg.train.val_every != 0:
+            trainer.validate(module, datamodule=data, verbose=False)
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        ok = True
+    finally:
+        if trainer.is_global_zero:
+            if ok:
+                log_loss_curves(logger.experiment, run_id)
+            finish(logger.experiment, run_id, ok)
+    return TrainResult(
+        run_id=run_id,
+        run_name=cfg.tracking.run_name,
+        checkpoint=ckpt_dir / "last.ckpt",
+        val_loss=float(trainer.callback_metrics["val/loss"]),
+        global_step=trainer.global_step,
+    )
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint ``train.resume`` points at (None for a fresh run); sets the run name.
+
+    ``true`` takes the newest checkpoint of ``tracking.run_name`` (or of any run
+    under ``train.ckpt_dir`` when no name is given); any other value is a path.
+    """
+    resume = str(cfg.train.resume)
+    root = Path(cfg.train.ckpt_dir)
+    if resume.lower() in ("false", "no", "0", ""):
+        if cfg.tracking.run_name is None:
+            cfg.tracking.run_name = f"{cfg.attn.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return None
+    if resume.lower() in ("true", "yes", "1"):
+        pattern = f"{cfg.tracking.run_name}/*.ckpt" if cfg.tracking.run_name else "*/*.ckpt"
+        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError("train.resume", cfg.train.resume, f"no checkpoint matches {root / pattern}")
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError("train.resume", resume, "is neither true/false nor an existing checkpoint file")
+    cfg.tracking.run_name = path.parent.name
+    return str(path)
+
+
+def _run_id_in(ckpt_path: str | None) -> str | None:
+    if ckpt_path is None:
+        return None
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
+
+
+def _make_trainer(cfg: DictConfig, logger, ckpt_dir: Path, run_id: str) -> L.Trainer:
+    t = cfg.train
+    return L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        precision=resolve_precision(t.precision, t.accelerator),
+        gradient_clip_val=t.grad_clip or None,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every,
+        logger=logger,
+        default_root_dir=str(ckpt_dir),
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every),
+            OnExceptionCheckpoint(dirpath=ckpt_dir),
+            RunIdInCheckpoint(run_id),
+            TokenThroughput(t.log_every),
+        ],
+    )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16 autocast where a CUDA GPU supports it, full fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if gpu and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
