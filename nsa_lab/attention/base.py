@@ -1,0 +1,80 @@
+"""What every attention variant shares: projections, GQA head shapes and RoPE.
+
+A variant subclasses :class:`AttentionBase` and implements :meth:`attend`, which gets
+the input and the rotated queries and returns per-head outputs; projecting queries
+and outputs stays here, so variants differ only in whom each query attends.
+Variants with one key/value projection subclass :class:`SingleKVAttention`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nsa_lab.attention.rope import apply_rope
+
+
+class AttentionBase(nn.Module):
+    """``forward(x [B,T,d_model], cos, sin) -> [B,T,d_model]`` around a variant's :meth:`attend`.
+
+    ``H = model.n_heads`` query heads and ``G = model.n_kv_heads`` key/value heads of
+    ``model.head_dim`` each; query head ``h`` reads kv head ``h // (H // G)``.
+    """
+
+    def __init__(self, model_cfg: Any) -> None:
+        super().__init__()
+        self.d_model = model_cfg.d_model
+        self.n_heads = model_cfg.n_heads
+        self.n_kv_heads = model_cfg.n_kv_heads
+        self.head_dim = model_cfg.head_dim
+        self.q_proj = nn.Linear(self.d_model, self.n_heads * self.head_dim, bias=False)
+        # The model scales the init of every ``o_proj.weight`` (residual projection).
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, self.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q = apply_rope(self.split_heads(self.q_proj(x)), cos, sin)
+        return self.o_proj(self.attend(x, q, cos, sin).flatten(2))
+
+    def attend(
+        self, x: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-head outputs ``[B,T,H,head_dim]`` for rotated queries ``q [B,T,H,head_dim]``."""
+        raise NotImplementedError
+
+    def kv_linear(self) -> nn.Linear:
+        """A fresh key or value projection ``d_model -> G * head_dim``."""
+        return nn.Linear(self.d_model, self.n_kv_heads * self.head_dim, bias=False)
+
+    def keys(
+        self, proj: nn.Linear, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotated keys ``[B,T,G,head_dim]``."""
+        return apply_rope(self.split_heads(proj(x)), cos, sin)
+
+    def values(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Values ``[B,T,G,head_dim]`` (not rotated: RoPE only shapes the q.k scores)."""
+        return self.split_heads(proj(x))
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, heads * head_dim] -> [B, T, heads, head_dim]``."""
+        return x.unflatten(-1, (-1, self.head_dim))
+
+
+class SingleKVAttention(AttentionBase):
+    """A variant with one key and one value projection, attending via :meth:`attend_kv`."""
+
+    def __init__(self, model_cfg: Any) -> None:
+        super().__init__(model_cfg)
+        self.k_proj = self.kv_linear()
+        self.v_proj = self.kv_linear()
+
+    def attend(
+        self, x: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        return self.attend_kv(q, self.keys(self.k_proj, x, cos, sin), self.values(self.v_proj, x))
+
+    def attend_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q [B,T,H,D]``, ``k/v [B,T,G,D]`` -> ``[B,T,H,D]``."""
+        raise NotImplementedError

@@ -1,0 +1,24 @@
+"""``full``: dense causal GQA attention, the quality and speed baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nsa_lab.attention.base import SingleKVAttention
+from nsa_lab.attention.registry import register
+from nsa_lab.kernels.nsa.torch_ops import causal_attention
+
+
+class FullAttention(SingleKVAttention):
+    """Every query attends all earlier positions (fused ``F.scaled_dot_product_attention``)."""
+
+    def __init__(self, model_cfg: Any, attn_cfg: Any) -> None:
+        super().__init__(model_cfg)
+
+    def attend_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v)
+
+
+register("full", "Dense causal GQA attention (baseline).", FullAttention)

@@ -1,0 +1,167 @@
+"""``nsa`` and its ablations: Native Sparse Attention as a layer (see ``NSA_SPEC.md``).
+
+Per active branch the layer owns key/value projections ``W_k^c, W_v^c`` (or one shared
+pair with ``attn.shared_kv``), compression MLPs ``phi_K, phi_V`` and a sigmoid gate per
+query head and branch; the attention itself is an op from ``nsa_lab.kernels.nsa``,
+picked once by :func:`nsa_op_for`.
+
+RoPE choice: queries and every branch's keys are rotated *before* compression and
+attention. Selection and window attention then see ordinary rotary keys, and the
+compressed keys are built from rotated keys, so ``phi_K`` learns to summarise a block
+whose members already carry their absolute positions (together with its own
+intra-block position embedding).
+
+Removing ``cmp`` drops its output but keeps ``W_k^cmp`` and ``phi_K`` to score the
+selection, as the spec says. Because selection is a discrete choice, those weights then
+get no gradient and score with their initial values; ``W_v^cmp`` and ``phi_V`` are not
+created at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nsa_lab.attention.base import AttentionBase
+from nsa_lab.attention.registry import register
+from nsa_lab.config import ConfigError
+from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams
+from nsa_lab.kernels.nsa.torch_ops import nsa_attention
+
+# Hidden width of the compression MLP, in multiples of head_dim: a bottleneck between
+# the flattened block (l * head_dim) and the compressed token (head_dim).
+PHI_HIDDEN_MULT = 4
+
+NSAOp = Callable[..., torch.Tensor]
+
+
+def nsa_op_for(impl: str) -> NSAOp:
+    """The NSA op behind ``attn.impl``; the one place that maps an impl to code."""
+    if impl == "triton":
+        raise ConfigError(
+            "attn.impl",
+            impl,
+            "attn.impl=triton needs the Triton NSA kernels, which are not available yet "
+            "(they need CUDA and arrive in a later milestone); use attn.impl=torch or auto",
+        )
+    return nsa_attention
+
+
+class BlockCompressor(nn.Module):
+    """``phi``: sequence ``[B,T,G,D]`` -> one token per compression block ``[B,Nc,G,D]``.
+
+    Block ``i`` is positions ``[i*d, i*d + l)``, ``Nc = floor((T-l)/d) + 1`` (0 if ``T < l``).
+    Exactly: ``phi(block) = W2 GELU(W1 flatten(block + E) + b1) + b2`` with a learnable
+    intra-block position embedding ``E [l, D]``, ``W1: l*D -> PHI_HIDDEN_MULT*D`` and
+    ``W2: -> D``. The same MLP serves every kv head.
+    """
+
+    def __init__(self, l: int, d: int, head_dim: int) -> None:
+        super().__init__()
+        self.l, self.d = l, d
+        self.pos_emb = nn.Parameter(torch.randn(l, head_dim) * 0.02)
+        hidden = PHI_HIDDEN_MULT * head_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(l * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t_len = x.shape[1]
+        n_blocks = max(0, (t_len - self.l) // self.d + 1)
+        offsets = torch.arange(self.l, device=x.device)
+        positions = torch.arange(n_blocks, device=x.device)[:, None] * self.d + offsets
+        blocks = x[:, positions] + self.pos_emb[:, None, :]  # [B, Nc, l, G, D]
+        return self.mlp(blocks.transpose(2, 3).flatten(-2))
+
+
+class NSAAttention(AttentionBase):
+    """NSA over ``attn.branches`` (any non-empty subset of cmp/slc/win)."""
+
+    def __init__(self, model_cfg: Any, attn_cfg: Any) -> None:
+        super().__init__(model_cfg)
+        self.params = NSAParams.from_attn_cfg(attn_cfg)
+        self.nsa_op = nsa_op_for(attn_cfg.impl)
+        branches = self.params.branches
+        self.kv_source = {c: "shared" if attn_cfg.shared_kv else c for c in BRANCHES}
+        key_branches = [c for c in branches if c != "cmp"]
+        if self.params.scores_selection:
+            key_branches.append("cmp")
+        self.k_proj = self._projections(key_branches)
+        self.v_proj = self._projections(branches)
+        if self.params.scores_selection:
+            self.phi_k = BlockCompressor(attn_cfg.l, attn_cfg.d, self.head_dim)
+        if "cmp" in branches:
+            self.phi_v = BlockCompressor(attn_cfg.l, attn_cfg.d, self.head_dim)
+        self.gate = nn.Linear(self.d_model, self.n_heads * len(branches))
+        self._gate_means: torch.Tensor | None = None
+
+    def _projections(self, branches: Iterable[str]) -> nn.ModuleDict:
+        """One projection per distinct source (a branch's own, or the shared one)."""
+        sources = dict.fromkeys(self.kv_source[c] for c in branches)
+        return nn.ModuleDict({source: self.kv_linear() for source in sources})
+
+    @property
+    def last_gate_means(self) -> dict[str, float]:
+        """Mean gate per branch in the last forward (read lazily: no device sync per step)."""
+        if self._gate_means is None:
+            return {}
+        return dict(zip(self.params.branches, self._gate_means.tolist(), strict=True))
+
+    def attend(
+        self, x: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        keys = {src: self.keys(proj, x, cos, sin) for src, proj in self.k_proj.items()}
+        values = {src: self.values(proj, x) for src, proj in self.v_proj.items()}
+        branches, source = self.params.branches, self.kv_source
+        tensors: dict[str, torch.Tensor] = {}
+        if self.params.scores_selection:
+            tensors["kc"] = self.phi_k(keys[source["cmp"]])
+        if "cmp" in branches:
+            tensors["vc"] = self.phi_v(values[source["cmp"]])
+        for c in ("slc", "win"):
+            if c in branches:
+                tensors[f"k_{c}"], tensors[f"v_{c}"] = keys[source[c]], values[source[c]]
+        gates = torch.sigmoid(self.gate(x)).unflatten(-1, (self.n_heads, len(branches)))
+        self._gate_means = gates.detach().mean(dim=(0, 1, 2))
+        return self.nsa_op(q, gates, self.params, **tensors)
+
+
+_ALL = list(BRANCHES)
+register(
+    "nsa",
+    "NSA: gated compression + selection + sliding window, independent K/V per branch.",
+    NSAAttention,
+    branches=_ALL,
+    shared_kv=False,
+)
+register(
+    "nsa_no_cmp",
+    "NSA without the compression output (compressed keys still score the selection).",
+    NSAAttention,
+    branches=["slc", "win"],
+    shared_kv=False,
+)
+register(
+    "nsa_no_slc",
+    "NSA without the selection branch (compression + sliding window).",
+    NSAAttention,
+    branches=["cmp", "win"],
+    shared_kv=False,
+)
+register(
+    "nsa_no_win",
+    "NSA without the sliding-window branch (compression + selection).",
+    NSAAttention,
+    branches=["cmp", "slc"],
+    shared_kv=False,
+)
+register(
+    "nsa_shared_kv",
+    "NSA with one K/V projection shared by all three branches.",
+    NSAAttention,
+    branches=_ALL,
+    shared_kv=True,
+)

@@ -1,0 +1,27 @@
+"""Rotary position embeddings (rotate-half layout, as in GPT-NeoX and Llama).
+
+The model builds the tables once per forward and hands them to every layer, so
+layers never recompute trigonometry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, device: torch.device | str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``[seq_len, head_dim // 2]``; angles computed in float64."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, H, D]``: each pair ``(x_i, x_{i + D/2})`` turns by angle ``t * f_i``."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

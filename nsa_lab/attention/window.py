@@ -1,0 +1,25 @@
+"""``window``: sliding-window attention alone, NSA's local branch without the others."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nsa_lab.attention.base import SingleKVAttention
+from nsa_lab.attention.registry import register
+from nsa_lab.kernels.nsa.torch_ops import sliding_window_attention
+
+
+class WindowAttention(SingleKVAttention):
+    """Query ``t`` attends positions ``max(0, t-w+1) .. t`` with ``w = attn.w``."""
+
+    def __init__(self, model_cfg: Any, attn_cfg: Any) -> None:
+        super().__init__(model_cfg)
+        self.w = attn_cfg.w
+
+    def attend_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sliding_window_attention(q, k, v, self.w)
+
+
+register("window", "Sliding-window attention alone (window attn.w).", WindowAttention)

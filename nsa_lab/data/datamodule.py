@@ -1,0 +1,173 @@
+"""Packed next-token examples and the Lightning data module that serves them.
+
+A corpus is one token stream (documents joined by EOS, see
+:func:`~nsa_lab.data.corpus.token_stream`). Training examples are windows of
+``seq_len + 1`` tokens taken with stride ``seq_len``: inputs are the first
+``seq_len`` tokens, targets the last ``seq_len``, and consecutive windows share
+one token, so every token of the stream is predicted exactly once. Windows are
+views into the stream, computed on indexing, so packing costs no memory and no
+pass over the tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from nsa_lab.config import ConfigError, DataConfig
+from nsa_lab.data.corpus import DocumentSource, corpus_sources, token_stream
+from nsa_lab.data.tokenizer import ByteTokenizer
+
+
+class PackedExamples(Dataset[tuple[Tensor, Tensor]]):
+    """``(input_ids, targets)`` windows of a token stream, ``seq_len`` long each.
+
+    Example ``i`` covers stream tokens ``[i*seq_len, (i+1)*seq_len]``; the last
+    fewer than ``seq_len`` tokens that do not fill a window are left out.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32))
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} out of range for {len(self)} examples")
+        start = index * self.seq_len
+        window = self.tokens[start : start + self.seq_len + 1].long()
+        return window[:-1], window[1:]
+
+    @property
+    def n_target_tokens(self) -> int:
+        """Tokens predicted in one pass over the examples (what an epoch trains on)."""
+        return len(self) * self.seq_len
+
+
+def split_tail(
+    tokens: np.ndarray, seq_len: int, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a stream into a training head and a validation tail that share no token.
+
+    The tail holds ``max(1, round(val_fraction * n))`` whole examples, ``n`` being
+    how many the stream packs into. Being contiguous, it cannot repeat text seen
+    in training (unless the corpus itself repeats), and it is the same on every
+    run. Raises :class:`ConfigError` when the head cannot hold one example.
+    """
+    n_examples = max(0, (len(tokens) - 1) // seq_len)
+    n_val = max(1, round(val_fraction * n_examples))
+    val_len = n_val * seq_len + 1
+    if len(tokens) - val_len < seq_len + 1:
+        raise ConfigError(
+            "data.seq_len",
+            seq_len,
+            f"the corpus has {len(tokens)} tokens, too few for one training and one validation "
+            f"example of seq_len+1 tokens; use a smaller seq_len or a larger corpus",
+        )
+    return tokens[:-val_len], tokens[-val_len:]
+
+
+class NSADataModule(LightningDataModule):
+    """Train/val loaders of packed byte-token examples for one data config.
+
+    Construction only resolves the sources (so a wrong path fails before any
+    work); :meth:`setup` loads, tokenises and packs, once. Batches are
+    ``(input_ids, targets)``, both ``LongTensor[batch_size, seq_len]``.
+    """
+
+    def __init__(self, data_cfg: DictConfig | DataConfig, seed: int) -> None:
+        super().__init__()
+        self.cfg = data_cfg
+        self.seed = seed
+        self.tokenizer = ByteTokenizer()
+        self.train_source, self.val_source = corpus_sources(data_cfg)
+        self.train_set: PackedExamples | None = None
+        self.val_set: PackedExamples | None = None
+
+    def prepare_data(self) -> None:
+        """Download and tokenise once per node, so that DDP ranks read ``datasets``' cache.
+
+        The builtin corpus has nothing to download or cache, so it is left to :meth:`setup`.
+        """
+        for source in (self.train_source, self.val_source):
+            if source is not None and source.kind != "builtin":
+                token_stream(source.load(), self.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train and val examples; later calls (one per stage) reuse them."""
+        if self.train_set is not None:
+            return
+        train_tokens = self._tokens(self.train_source)
+        if self.val_source is None:
+            train_tokens, val_tokens = split_tail(
+                train_tokens, self.cfg.seq_len, self.cfg.val_fraction
+            )
+        else:
+            val_tokens = self._tokens(self.val_source)
+        self.train_set = self._examples(train_tokens, self.train_source)
+        self.val_set = self._examples(val_tokens, self.val_source or self.train_source)
+        if len(self.train_set) < self.cfg.batch_size:
+            # drop_last would leave no training batch at all, and Lightning would not say why.
+            raise ConfigError(
+                "data.batch_size",
+                self.cfg.batch_size,
+                f"exceeds the {len(self.train_set)} training examples of this corpus",
+            )
+
+    def _tokens(self, source: DocumentSource) -> np.ndarray:
+        return token_stream(source.load(), self.tokenizer)
+
+    def _examples(self, tokens: np.ndarray, source: DocumentSource) -> PackedExamples:
+        examples = PackedExamples(tokens, self.cfg.seq_len)
+        if len(examples) == 0:
+            raise ConfigError(
+                source.key,
+                source.path or source.kind,
+                f"has {len(tokens)} tokens, too few for one example of "
+                f"data.seq_len+1={self.cfg.seq_len + 1} tokens",
+            )
+        return examples
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled in an order fixed by ``seed``; incomplete last batch dropped."""
+        return DataLoader(
+            self._built(self.train_set),
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.cfg.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """In stream order, every example, so validation loss is comparable across runs."""
+        return DataLoader(
+            self._built(self.val_set),
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    @property
+    def n_train_tokens(self) -> int:
+        """Target tokens in one epoch of training examples (after :meth:`setup`)."""
+        return self._built(self.train_set).n_target_tokens
+
+    @property
+    def n_val_tokens(self) -> int:
+        """Target tokens in the validation examples (after :meth:`setup`)."""
+        return self._built(self.val_set).n_target_tokens
+
+    @staticmethod
+    def _built(examples: PackedExamples | None) -> PackedExamples:
+        if examples is None:
+            raise RuntimeError("call NSADataModule.setup() first")
+        return examples

@@ -1,0 +1,107 @@
+"""End to end: `nsa-lab train` on the smoke experiment, MLflow contents, resume, crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nsa_lab.cli import main
+from nsa_lab.config import load_config
+from nsa_lab.training import module as module_lib
+from nsa_lab.training.run import train
+from tests.conftest import SMOKE
+
+pytestmark = pytest.mark.slow
+
+
+def smoke_args(workdir: Path, *extra: str) -> list[str]:
+    return [
+        str(SMOKE),
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"train.ckpt_dir={workdir / 'ckpt'}",
+        "tracking.run_name=smoke",
+        *extra,
+    ]
+
+
+def only_run(workdir: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_smoke_train_logs_a_complete_mlflow_run(workdir: Path, capsys):
+    assert main(["train", *smoke_args(workdir)]) == 0
+    assert "val loss" in capsys.readouterr().out
+
+    client, run = only_run(workdir)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["attn.name"] == "nsa"
+    assert params["attn.l"] == "8"
+    assert params["attn.branches"] == "cmp,slc,win"
+    assert int(params["model.n_params"]) > 0
+    assert run.data.tags["variant"] == "nsa"
+    assert run.data.tags["git_commit"]
+
+    train_loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(train_loss) >= 5
+    val_loss = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [m.step for m in val_loss][-1] == 30
+    assert val_loss[-1].value < val_loss[0].value + 0.5  # trained, not diverged
+    metrics = run.data.metrics
+    assert metrics["train/tokens_per_s"] > 0
+    assert {"gates/layer0/cmp", "gates/layer1/win", "val/ppl"} <= set(metrics)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "loss_curve.png"} <= artifacts
+    config_yaml = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(workdir)))
+    assert load_config([config_yaml]).attn.l == 8
+    assert (workdir / "ckpt" / "smoke" / "last.ckpt").is_file()
+    assert not list((workdir / "ckpt").rglob("*.tmp"))
+
+
+def test_resume_continues_the_same_run_from_its_step(workdir: Path):
+    first = train(load_config([SMOKE], smoke_args(workdir, "train.max_steps=20")[1:]))
+    assert first.global_step == 20
+    second = train(
+        load_config([SMOKE], smoke_args(workdir, "train.max_steps=30", "train.resume=true")[1:])
+    )
+    assert second.global_step == 30
+    assert second.run_id == first.run_id
+
+    client, run = only_run(workdir)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert max(steps) >= 25
+    assert steps == sorted(steps)  # the resumed run picked up where it stopped
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_a_crash_marks_the_run_failed_and_leaves_a_resumable_checkpoint(workdir, monkeypatch):
+    real_step = module_lib.LanguageModel.training_step
+
+    def failing_step(self, batch, batch_idx):
+        if self.global_step == 12:
+            raise Boom("injected failure")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.LanguageModel, "training_step", failing_step)
+    with pytest.raises(Boom):
+        train(load_config([SMOKE], smoke_args(workdir)[1:]))
+    _, run = only_run(workdir)
+    assert run.info.status == "FAILED"
+    crash_ckpt = workdir / "ckpt" / "smoke" / "on_exception.ckpt"
+    assert crash_ckpt.is_file()
+
+    monkeypatch.setattr(module_lib.LanguageModel, "training_step", real_step)
+    resumed = train(load_config([SMOKE], smoke_args(workdir, f"train.resume={crash_ckpt}")[1:]))
+    assert resumed.global_step == 30
+    _, run = only_run(workdir)
+    assert run.info.status == "FINISHED"
