@@ -50,7 +50,7 @@ def test_smoke_train_logs_a_complete_mlflow_run(workdir: Path, capsys):
     train_loss = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(train_loss) >= 5
     val_loss = client.get_metric_history(run.info.run_id, "val/loss")
-    assert [m.step for m in val_loss][-1] == 30
+    assert len(val_loss) == 3  # after steps 10, 20 and 30
     assert val_loss[-1].value < val_loss[0].value + 0.5  # trained, not diverged
     metrics = run.data.metrics
     assert metrics["train/tokens_per_s"] > 0

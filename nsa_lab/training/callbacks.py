@@ -45,6 +45,20 @@ class RunIdInCheckpoint(L.Callback):
         checkpoint["mlflow_run_id"] = self.run_id
 
 
+class CheckpointOnCrash(L.Callback):
+    """Saves ``path`` when training raises (Ctrl-C included), for ``train.resume``.
+
+    Lightning's own OnExceptionCheckpoint would also make every fresh ``fit``
+    resume from ``last.ckpt`` if one exists; a fresh run must stay fresh.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file and renames it, so a crash never leaves a torn checkpoint."""
 

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError
 from nsa_lab.data import NSADataModule
 from nsa_lab.tracking.mlflow_run import finish, log_config, log_loss_curves, make_logger
-from nsa_lab.training.callbacks import AtomicCheckpointIO, RunIdInCheckpoint, TokenThroughput
+from nsa_lab.training.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointOnCrash,
+    RunIdInCheckpoint,
+    TokenThroughput,
+)
 from nsa_lab.training.module import LanguageModel
 
 
@@ -119,7 +124,7 @@ def _make_trainer(cfg: DictConfig, logger, ckpt_dir: Path, run_id: str) -> L.Tra
         plugins=[AtomicCheckpointIO()],
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every),
-            OnExceptionCheckpoint(dirpath=ckpt_dir),
+            CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
             RunIdInCheckpoint(run_id),
             TokenThroughput(t.log_every),
         ],
