@@ -59,42 +59,76 @@ def cmd_variants(ns: argparse.Namespace) -> int:
 def cmd_ui(ns: argparse.Namespace) -> int:
     cfg = _config_from(ns)
     argv = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", cfg.tracking.uri,
-        "--host", "127.0.0.1", "--port", str(ns.port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        cfg.tracking.uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ns.port),
     ]
     print(f"MLflow UI for {cfg.tracking.uri} at http://127.0.0.1:{ns.port} (Ctrl-C stops it)")
     os.execv(sys.executable, argv)
     return 0  # not reached: execv replaces this process
 
 
-CONFIG_ARGS_HELP = "YAML config files and key=value overrides, e.g. experiments/smoke.yaml attn.l=32"
+CONFIG_ARGS_HELP = (
+    "YAML config files and key=value overrides, e.g. experiments/smoke.yaml attn.l=32"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nsa-lab",
         description="Train and compare small language models with Native Sparse Attention.",
-        epilog="example: nsa-lab train experiments/default.yaml attn.name=nsa_no_cmp train.max_steps=500",
+        epilog="example: nsa-lab train experiments/default.yaml attn.name=nsa_no_cmp",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, example: str, config: bool = True):
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        example: str,
+        config: bool = True,
+    ):
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}")
         if config:
-            p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value", help=CONFIG_ARGS_HELP)
+            p.add_argument(
+                "args", nargs="*", metavar="CONFIG.yaml|key=value", help=CONFIG_ARGS_HELP
+            )
         p.set_defaults(func=func)
         return p
 
-    add("train", cmd_train, "Train a model and log the run to MLflow.",
-        "nsa-lab train experiments/smoke.yaml attn.name=full tracking.run_name=full-smoke")
-    add("config", cmd_config, "Print the resolved config (defaults, files and overrides merged).",
-        "nsa-lab config experiments/default.yaml attn.name=nsa_no_win")
-    add("variants", cmd_variants, "List the registered attention variants.", "nsa-lab variants",
-        config=False)
-    ui = add("ui", cmd_ui, "Start the MLflow UI on 127.0.0.1 against the configured tracking store.",
-             "nsa-lab ui tracking.uri=sqlite:///mlflow.db --port 5000")
+    add(
+        "train",
+        cmd_train,
+        "Train a model and log the run to MLflow.",
+        "nsa-lab train experiments/smoke.yaml attn.name=full tracking.run_name=full-smoke",
+    )
+    add(
+        "config",
+        cmd_config,
+        "Print the resolved config (defaults, files and overrides merged).",
+        "nsa-lab config experiments/default.yaml attn.name=nsa_no_win",
+    )
+    add(
+        "variants",
+        cmd_variants,
+        "List the registered attention variants.",
+        "nsa-lab variants",
+        config=False,
+    )
+    ui = add(
+        "ui",
+        cmd_ui,
+        "Start the MLflow UI on 127.0.0.1 against the configured tracking store.",
+        "nsa-lab ui tracking.uri=sqlite:///mlflow.db --port 5000",
+    )
     ui.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
     return parser
 

@@ -233,17 +233,28 @@ def _validate_attn(a: DictConfig) -> None:
             "must be >= 3 when force_init_local=true (1 initial + 2 local blocks are forced)",
         )
     branches = list(a.branches)
-    _require(len(branches) > 0, "attn.branches", branches, f"must be a non-empty subset of {list(BRANCHES)}")
+    _require(
+        len(branches) > 0,
+        "attn.branches",
+        branches,
+        f"must be a non-empty subset of {list(BRANCHES)}",
+    )
     for b in branches:
-        _require(b in BRANCHES, "attn.branches", branches, f"unknown branch {b!r}; use {list(BRANCHES)}")
+        _require(
+            b in BRANCHES, "attn.branches", branches, f"unknown branch {b!r}; use {list(BRANCHES)}"
+        )
     _require(len(set(branches)) == len(branches), "attn.branches", branches, "lists a branch twice")
     _require(a.impl in IMPLS, "attn.impl", a.impl, f"must be one of {list(IMPLS)}")
 
 
 def _validate_data(dc: DictConfig, m: DictConfig) -> None:
-    _require(dc.source in DATA_SOURCES, "data.source", dc.source, f"must be one of {list(DATA_SOURCES)}")
+    _require(
+        dc.source in DATA_SOURCES, "data.source", dc.source, f"must be one of {list(DATA_SOURCES)}"
+    )
     if dc.source != "builtin":
-        _require(dc.path is not None, "data.path", dc.path, f"is required for data.source={dc.source}")
+        _require(
+            dc.path is not None, "data.path", dc.path, f"is required for data.source={dc.source}"
+        )
     _require_positive(dc, "data", ("seq_len", "batch_size"))
     _require(
         dc.seq_len <= m.max_seq_len,
@@ -261,7 +272,12 @@ def _validate_train(t: DictConfig) -> None:
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
-    _require(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {list(PRECISIONS)}")
+    _require(
+        t.precision in PRECISIONS,
+        "train.precision",
+        t.precision,
+        f"must be one of {list(PRECISIONS)}",
+    )
 
 
 def to_yaml(cfg: DictConfig) -> str:

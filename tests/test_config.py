@@ -65,7 +65,11 @@ INVALID = [
     (["attn.l=32", "attn.d=16", "attn.l_sel=40"], "attn.d=16", "must divide attn.l_sel=40"),
     (["attn.l=64", "attn.d=16", "attn.l_sel=32"], "attn.l=64", "must be <= attn.l_sel=32"),
     (["attn.n=2"], "attn.n=2", "must be >= 3 when force_init_local=true"),
-    (["model.n_heads=6", "model.n_kv_heads=4"], "model.n_heads=6", "multiple of model.n_kv_heads=4"),
+    (
+        ["model.n_heads=6", "model.n_kv_heads=4"],
+        "model.n_heads=6",
+        "multiple of model.n_kv_heads=4",
+    ),
     (["attn.branches=[]"], "attn.branches=[]", "non-empty subset"),
     (["attn.branches=[cmp,foo]"], "attn.branches=['cmp', 'foo']", "unknown branch 'foo'"),
     (["attn.name=sparse"], "attn.name='sparse'", "unknown variant"),

@@ -78,7 +78,7 @@ class GQATransformer(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
-        if T > self.max_seq_len:
+        if self.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.embed(idx)
         cos, sin = rope_tables(self.head_dim, T, self.rope_theta, x.device, x.dtype)

@@ -15,14 +15,17 @@ from nsa_lab.tracking.plots import plot_loss_curves
 
 
 def git_commit() -> str:
-    """The commit of the working directory's repo, ``+dirty`` if it has changes, else ``unknown``."""
+    """HEAD of the working directory's repo (``+dirty`` if it has changes), else ``unknown``."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=5,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -34,7 +37,7 @@ def artifact_location(uri: str) -> str | None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return None
-    return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
 def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:

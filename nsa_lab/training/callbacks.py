@@ -23,7 +23,14 @@ class TokenThroughput(L.Callback):
         self._t0: float | None = None
         self._tokens = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         inputs = batch[0]
         self._tokens += inputs.numel() * trainer.world_size
         now = time.perf_counter()
@@ -31,7 +38,12 @@ class TokenThroughput(L.Callback):
             self._t0, self._tokens = now, 0
             return
         if trainer.global_step % self.log_every == 0 and now > self._t0:
-            pl_module.log("train/tokens_per_s", self._tokens / (now - self._t0), prog_bar=True, rank_zero_only=True)
+            pl_module.log(
+                "train/tokens_per_s",
+                self._tokens / (now - self._t0),
+                prog_bar=True,
+                rank_zero_only=True,
+            )
             self._t0, self._tokens = now, 0
 
 
@@ -41,7 +53,9 @@ class RunIdInCheckpoint(L.Callback):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint["mlflow_run_id"] = self.run_id
 
 
@@ -55,14 +69,18 @@ class CheckpointOnCrash(L.Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         trainer.save_checkpoint(self.path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file and renames it, so a crash never leaves a torn checkpoint."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)

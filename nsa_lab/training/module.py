@@ -43,7 +43,9 @@ class LanguageModel(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         inputs, targets = batch
         loss = next_token_loss(self.model(inputs), targets)
         self.log("train/loss", loss, prog_bar=True)
@@ -65,7 +67,9 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # Sequence-weighted mean over all ranks, so the last partial batch and
         # uneven shards count exactly once per sequence.
-        totals = torch.stack([self._val_loss_sum, torch.tensor(float(self._val_count), device=self.device)])
+        totals = torch.stack(
+            [self._val_loss_sum, torch.tensor(float(self._val_count), device=self.device)]
+        )
         totals = self.all_gather(totals)
         if totals.ndim == 2:
             totals = totals.sum(0)
@@ -78,7 +82,10 @@ class LanguageModel(L.LightningModule):
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": t.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=t.lr,
             betas=(t.beta1, t.beta2),
         )

@@ -90,12 +90,16 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         pattern = f"{cfg.tracking.run_name}/*.ckpt" if cfg.tracking.run_name else "*/*.ckpt"
         found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise ConfigError("train.resume", cfg.train.resume, f"no checkpoint matches {root / pattern}")
+            raise ConfigError(
+                "train.resume", cfg.train.resume, f"no checkpoint matches {root / pattern}"
+            )
         path = found[-1]
     else:
         path = Path(resume)
         if not path.is_file():
-            raise ConfigError("train.resume", resume, "is neither true/false nor an existing checkpoint file")
+            raise ConfigError(
+                "train.resume", resume, "is neither true/false nor an existing checkpoint file"
+            )
     cfg.tracking.run_name = path.parent.name
     return str(path)
 
@@ -123,7 +127,9 @@ def _make_trainer(cfg: DictConfig, logger, ckpt_dir: Path, run_id: str) -> L.Tra
         default_root_dir=str(ckpt_dir),
         plugins=[AtomicCheckpointIO()],
         callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every),
+            ModelCheckpoint(
+                dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every
+            ),
             CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
             RunIdInCheckpoint(run_id),
             TokenThroughput(t.log_every),
