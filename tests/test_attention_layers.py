@@ -10,6 +10,7 @@ import torch
 from nsa_lab.kernels.nsa import naive, torch_ops
 
 from nsa_lab.attention import build_attention, list_variants
+from nsa_lab.attention.nsa import auto_impl
 from nsa_lab.attention.rope import apply_rope, rope_tables
 from nsa_lab.attention.topk import true_block_mass
 from nsa_lab.config import ConfigError, load_config
@@ -136,9 +137,18 @@ def test_nsa_presets_build_what_they_claim(
     assert list(means) == branches and all(0.0 < m < 1.0 for m in means.values())
 
 
-def test_triton_impl_fails_with_a_clear_message() -> None:
-    with pytest.raises(ConfigError, match="attn.impl=triton.*not available yet"):
+def test_triton_impl_without_a_gpu_fails_with_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="attn.impl='triton'.*need a CUDA GPU"):
         _layer("nsa", "attn.impl=triton")
+
+
+def test_auto_picks_triton_on_cuda_and_torch_on_cpu() -> None:
+    assert auto_impl(torch.device("cuda", 0)) == "triton"
+    assert auto_impl(torch.device("cpu")) == "torch"
 
 
 def test_topk_selecting_every_block_is_full_attention() -> None:

@@ -19,6 +19,8 @@ created at all.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,16 +40,48 @@ PHI_HIDDEN_MULT = 4
 NSAOp = Callable[..., torch.Tensor]
 
 
+def triton_runnable() -> bool:
+    """Whether the Triton kernels can run here: a CUDA GPU, or Triton's CPU interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (torch.cuda.is_available() or interpreted) and importlib.util.find_spec(
+        "triton"
+    ) is not None
+
+
 def nsa_op_for(impl: str) -> NSAOp:
-    """The NSA op behind ``attn.impl``; the one place that maps an impl to code."""
+    """The NSA op behind ``attn.impl``; the one place that maps an impl to code.
+
+    ``auto`` decides per call: the Triton kernels for CUDA tensors, PyTorch otherwise
+    (the model is built on the CPU and moved to the GPU afterwards).
+    """
+    if impl == "torch":
+        return nsa_attention
     if impl == "triton":
-        raise ConfigError(
-            "attn.impl",
-            impl,
-            "attn.impl=triton needs the Triton NSA kernels, which are not available yet "
-            "(they need CUDA and arrive in a later milestone); use attn.impl=torch or auto",
-        )
-    return nsa_attention
+        if not triton_runnable():
+            raise ConfigError(
+                "attn.impl",
+                impl,
+                "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1) and the triton "
+                "package, and this machine has none; use attn.impl=torch or auto",
+            )
+        return _triton_op()
+    return _auto_op
+
+
+def _triton_op() -> NSAOp:
+    from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton  # imports triton
+
+    return nsa_attention_triton
+
+
+def auto_impl(device: torch.device) -> str:
+    """What ``attn.impl=auto`` runs on ``device``: ``triton`` on CUDA, ``torch`` elsewhere."""
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def _auto_op(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    op = _triton_op() if auto_impl(q.device) == "triton" else nsa_attention
+    return op(q, *args, **kwargs)
 
 
 class BlockCompressor(nn.Module):

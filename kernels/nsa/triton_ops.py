@@ -1,0 +1,85 @@
+"""NSA through the Triton kernels: the same function and signature as ``torch_ops.nsa_attention``.
+
+- cmp: :func:`range_attention` over the compressed blocks (block ``i`` ends at ``i*d + l - 1``);
+- slc: the score + top-n kernels pick blocks from the cmp log-sum-exp, then the
+  group-centric selection kernel attends them;
+- win: :func:`range_attention` over raw positions with a window of ``w``.
+Gate mixing and ``phi`` stay in PyTorch (elementwise / small MLP work).
+"""
+
+from __future__ import annotations
+
+import torch
+from nsa_lab.kernels.nsa.spec import NSAParams, combine_branches, softmax_scale
+from nsa_lab.kernels.nsa.triton_range_attention import range_attention
+from nsa_lab.kernels.nsa.triton_selection import select_blocks_triton, selection_attention_triton
+
+
+def compression_branch(
+    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, params: NSAParams, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o_cmp, lse)``: attention over the compressed blocks visible to each query."""
+    return range_attention(
+        q, kc, vc, stride=params.d, offset=params.l - 1, window=None, scale=scale
+    )
+
+
+def window_branch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NSAParams, scale: float
+) -> torch.Tensor:
+    o, _ = range_attention(q, k, v, stride=1, offset=0, window=params.w, scale=scale)
+    return o
+
+
+def selection_branch(
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    lse: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: NSAParams,
+    scale: float,
+) -> torch.Tensor:
+    """Score, pick and attend. Without the cmp branch its lse is computed here, without grad."""
+    if lse is None:
+        with torch.no_grad():
+            _, lse = compression_branch(q, kc, kc, params, scale)
+    indices = select_blocks_triton(
+        q.detach(),
+        kc.detach(),
+        lse,
+        l=params.l,
+        d=params.d,
+        l_sel=params.l_sel,
+        n=params.n,
+        force_init_local=params.force_init_local,
+        scale=scale,
+    )
+    return selection_attention_triton(q, k, v, indices, l_sel=params.l_sel, scale=scale)
+
+
+def nsa_attention_triton(
+    q: torch.Tensor,
+    gates: torch.Tensor,
+    params: NSAParams,
+    *,
+    kc: torch.Tensor | None = None,
+    vc: torch.Tensor | None = None,
+    k_slc: torch.Tensor | None = None,
+    v_slc: torch.Tensor | None = None,
+    k_win: torch.Tensor | None = None,
+    v_win: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Gated NSA output ``[B,T,H,Dv]``; arguments as in ``torch_ops.nsa_attention``."""
+    scale = softmax_scale(q, scale)
+    branches = params.branches
+    outputs: dict[str, torch.Tensor] = {}
+    lse = None
+    if "cmp" in branches:
+        outputs["cmp"], lse = compression_branch(q, kc, vc, params, scale)
+    if "slc" in branches:
+        outputs["slc"] = selection_branch(q, kc, lse, k_slc, v_slc, params, scale)
+    if "win" in branches:
+        outputs["win"] = window_branch(q, k_win, v_win, params, scale)
+    return combine_branches(outputs, gates, branches)
