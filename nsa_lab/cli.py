@@ -75,6 +75,17 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     return 0  # not reached: execv replaces this process
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from nsa_lab.benchmarks import parse_lengths, run_kernel_bench
+
+    report = run_kernel_bench(parse_lengths(ns.lengths))
+    print(report)
+    if ns.out:
+        with open(ns.out, "w") as f:
+            f.write(report + "\n")
+    return 0
+
+
 CONFIG_ARGS_HELP = (
     "YAML config files and key=value overrides, e.g. experiments/smoke.yaml attn.l=32"
 )
@@ -130,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
         "nsa-lab ui tracking.uri=sqlite:///mlflow.db --port 5000",
     )
     ui.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    bench = add(
+        "bench",
+        cmd_bench,
+        "Time the Triton NSA kernels against dense SDPA, and training steps (needs a GPU).",
+        "nsa-lab bench kernels --lengths 8k,16k,32k,64k --out bench.md",
+        config=False,
+    )
+    bench.add_argument("what", choices=["kernels"], help="what to benchmark")
+    bench.add_argument("--lengths", default="8k,16k,32k,64k", help="sequence lengths")
+    bench.add_argument("--out", help="also write the markdown report to this file")
     return parser
 
 

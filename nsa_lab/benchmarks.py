@@ -1,0 +1,251 @@
+"""``nsa-lab bench``: NSA kernel and training-step speed against dense attention, on a GPU.
+
+Every ratio compares numbers measured in the same run: NSA (Triton) against dense
+causal ``F.scaled_dot_product_attention`` with the fastest SDPA backend that runs on
+the GPU at hand. Times are medians of ``triton.testing.do_bench`` (CUDA events, L2
+flushed between repetitions); memory is the peak allocated during one forward +
+backward, above what the inputs already hold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nsa_lab.kernels.nsa.spec import NSAParams
+from nsa_lab.kernels.nsa.torch_ops import nsa_attention
+
+GiB = 2**30
+PAPER_PARAMS = NSAParams(l=32, d=16, l_sel=64, n=16, w=512)
+DENSE_BACKENDS = (
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+PAPER_SHAPE = Shape("paper (64 heads, 4 groups, d=128)", 64, 4, 128)
+SMALL_SHAPE = Shape("small (16 heads, 2 groups, d=64)", 16, 2, 64)
+
+
+@dataclass
+class Timing:
+    fwd_ms: float
+    bwd_ms: float
+    fwd_bwd_ms: float
+    peak_gib: float
+
+
+def nsa_inputs(shape: Shape, t_len: int, params: NSAParams, dtype: torch.dtype) -> dict:
+    """Random projected tensors for one NSA call (batch 1), all requiring grad."""
+    g, d = shape.n_kv_heads, shape.head_dim
+    n_cmp = max(0, (t_len - params.l) // params.d + 1)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device="cuda", dtype=dtype).requires_grad_()
+
+    return {
+        "q": rand(1, t_len, shape.n_heads, d),
+        "gates": torch.rand(
+            1, t_len, shape.n_heads, 3, device="cuda", dtype=dtype
+        ).requires_grad_(),
+        "kc": rand(1, n_cmp, g, d),
+        "vc": rand(1, n_cmp, g, d),
+        "k_slc": rand(1, t_len, g, d),
+        "v_slc": rand(1, t_len, g, d),
+        "k_win": rand(1, t_len, g, d),
+        "v_win": rand(1, t_len, g, d),
+    }
+
+
+def nsa_call(op: Callable, inputs: dict, params: NSAParams) -> Callable[[], torch.Tensor]:
+    tensors = {k: v for k, v in inputs.items() if k not in ("q", "gates")}
+    return lambda: op(inputs["q"], inputs["gates"], params, **tensors)
+
+
+def dense_call(inputs: dict, backend: SDPBackend) -> Callable[[], torch.Tensor]:
+    """Dense causal attention on the same q and the selection branch's k/v."""
+    q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k_slc", "v_slc"))
+
+    def run() -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    return run
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: dict) -> Timing:
+    """Forward, backward (on a retained graph) and forward + backward times, and peak memory."""
+    leaves = [t for t in inputs.values() if t.requires_grad]
+    out = fn()
+    grad = torch.randn_like(out)
+    fwd = _median_ms(fn)
+    bwd = _median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+    both = _median_ms(lambda: torch.autograd.grad(fn(), leaves, grad))
+    out = None  # free the retained graph before measuring peak memory
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.autograd.grad(fn(), leaves, grad)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / GiB
+    return Timing(fwd, bwd, both, peak)
+
+
+def fastest_dense(inputs: dict) -> tuple[str, Timing]:
+    """The SDPA backend with the lowest forward + backward time, and its timing."""
+    best: tuple[str, Timing] | None = None
+    for backend in DENSE_BACKENDS:
+        try:
+            timing = time_fwd_bwd(dense_call(inputs, backend), inputs)
+        except RuntimeError:  # backend unavailable for this shape/GPU
+            continue
+        if best is None or timing.fwd_bwd_ms < best[1].fwd_bwd_ms:
+            best = (backend.name.lower(), timing)
+    if best is None:
+        raise RuntimeError("no SDPA backend ran")
+    return best
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def correctness_line(shape: Shape, t_len: int, params: NSAParams) -> str:
+    """Triton vs the PyTorch path, both in bf16 on the same inputs: max relative L2 error."""
+    from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton
+
+    torch.manual_seed(0)
+    inputs = nsa_inputs(shape, t_len, params, torch.bfloat16)
+    leaves = list(inputs.values())
+    results = []
+    for op in (nsa_attention_triton, nsa_attention):
+        out = nsa_call(op, inputs, params)()
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append((out, grads))
+    (out_t, grads_t), (out_r, grads_r) = results
+    fwd = rel_error(out_t, out_r)
+    bwd = max(rel_error(a, b) for a, b in zip(grads_t, grads_r, strict=True))
+    return (
+        f"correctness at T={t_len}, {shape.name}, bf16: relative L2 error of Triton vs the "
+        f"PyTorch path: forward {fwd:.2e}, worst gradient {bwd:.2e}"
+    )
+
+
+def kernel_table(lengths: Sequence[int], shapes: Sequence[Shape], params: NSAParams) -> list[str]:
+    from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton
+
+    header = (
+        "| shape | T | NSA fwd ms | NSA bwd ms | NSA fwd+bwd ms | dense fwd ms | dense bwd ms "
+        "| dense fwd+bwd ms | dense backend | fwd x | bwd x | fwd+bwd x | NSA peak GiB "
+        "| dense peak GiB |"
+    )
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    for shape in shapes:
+        for t_len in lengths:
+            torch.manual_seed(0)
+            inputs = nsa_inputs(shape, t_len, params, torch.bfloat16)
+            nsa = time_fwd_bwd(nsa_call(nsa_attention_triton, inputs, params), inputs)
+            backend, dense = fastest_dense(inputs)
+            rows.append(
+                f"| {shape.name} | {t_len // 1024}k | {nsa.fwd_ms:.2f} | {nsa.bwd_ms:.2f} "
+                f"| {nsa.fwd_bwd_ms:.2f} | {dense.fwd_ms:.2f} | {dense.bwd_ms:.2f} "
+                f"| {dense.fwd_bwd_ms:.2f} | {backend} | {dense.fwd_ms / nsa.fwd_ms:.2f} "
+                f"| {dense.bwd_ms / nsa.bwd_ms:.2f} | {dense.fwd_bwd_ms / nsa.fwd_bwd_ms:.2f} "
+                f"| {nsa.peak_gib:.2f} | {dense.peak_gib:.2f} |"
+            )
+            print(rows[-1], flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+def train_step_table(t_len: int, variants: Sequence[str], steps: int = 10) -> list[str]:
+    """Tokens/s of full training steps (fwd, bwd, AdamW) of the small model, bf16 autocast."""
+    from nsa_lab.config import load_config
+    from nsa_lab.models import GQATransformer
+
+    rows = ["| variant | T | ms/step | tokens/s |", "|---|---|---|---|"]
+    for name in variants:
+        cfg = load_config(
+            overrides=[
+                f"attn.name={name}",
+                "model.n_layers=4",
+                "model.d_model=1024",
+                f"model.n_heads={SMALL_SHAPE.n_heads}",
+                f"model.n_kv_heads={SMALL_SHAPE.n_kv_heads}",
+                f"model.head_dim={SMALL_SHAPE.head_dim}",
+                f"model.max_seq_len={t_len}",
+                f"data.seq_len={t_len}",
+            ]
+        )
+        torch.manual_seed(0)
+        model = GQATransformer(cfg.model, cfg.attn, vocab_size=257).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        idx = torch.randint(0, 257, (1, t_len + 1), device="cuda")
+        times = []
+        for i in range(steps + 3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(idx[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= 3:  # warm-up: compilation and autotuning
+                times.append(time.perf_counter() - start)
+        ms = 1000 * sorted(times)[len(times) // 2]
+        rows.append(f"| {name} | {t_len // 1024}k | {ms:.1f} | {t_len / ms * 1000:,.0f} |")
+        print(rows[-1], flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_kernel_bench(lengths: Sequence[int], correctness_len: int = 4096) -> str:
+    """The full ``nsa-lab bench kernels`` report as markdown."""
+    if not torch.cuda.is_available():
+        raise SystemExit("nsa-lab bench needs a CUDA GPU")
+    lines = [
+        f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"NSA l={PAPER_PARAMS.l} d={PAPER_PARAMS.d} l_sel={PAPER_PARAMS.l_sel} "
+        f"n={PAPER_PARAMS.n} w={PAPER_PARAMS.w}, batch 1, bf16",
+        "",
+        correctness_line(PAPER_SHAPE, correctness_len, PAPER_PARAMS),
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+    lines += kernel_table(lengths, (PAPER_SHAPE, SMALL_SHAPE), PAPER_PARAMS)
+    lines += ["", "Training step, small model (4 layers, d_model 1024), batch 1:", ""]
+    lines += train_step_table(16384, ("full", "nsa"))
+    return "\n".join(lines)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"8k,16k,4096"`` -> ``[8192, 16384, 4096]``."""
+    lengths = []
+    for item in text.lower().split(","):
+        kilo = item.endswith("k")
+        lengths.append(int(item.rstrip("k")) * (1024 if kilo else 1))
+    return lengths
