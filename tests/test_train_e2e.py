@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,38 @@ def test_a_crash_marks_the_run_failed_and_leaves_a_resumable_checkpoint(workdir,
     assert resumed.global_step == 30
     _, run = only_run(workdir)
     assert run.info.status == "FINISHED"
+
+
+def test_ctrl_c_marks_the_run_failed_and_leaves_a_checkpoint(workdir: Path):
+    """SIGINT mid-training, as a user's Ctrl-C: the run ends FAILED with on_exception.ckpt."""
+    args = smoke_args(workdir, "train.max_steps=100000", "train.log_every=1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nsa_lab", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_logged_steps(workdir, proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    _, run = only_run(workdir)
+    assert run.info.status == "FAILED", stderr[-2000:]
+    assert (workdir / "ckpt" / "smoke" / "on_exception.ckpt").is_file()
+
+
+def _wait_for_logged_steps(workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        if (workdir / "mlflow.db").exists():
+            client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+            experiment = client.get_experiment_by_name("smoke")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
+                return
+        time.sleep(0.5)
+    raise AssertionError("training never logged a step")
