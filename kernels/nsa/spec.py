@@ -15,7 +15,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,3 +74,35 @@ def combine_branches(
         raise ValueError(f"gates have {gates.shape[-1]} columns for branches {branches}")
     terms = (gates[..., c, None] * outputs[name] for c, name in enumerate(branches))
     return sum(terms)
+
+
+def run_branches(
+    q: torch.Tensor,
+    gates: torch.Tensor,
+    params: NSAParams,
+    *,
+    compression: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    selection: Callable[..., torch.Tensor],
+    window: Callable[..., torch.Tensor],
+    kc: torch.Tensor | None,
+    vc: torch.Tensor | None,
+    k_slc: torch.Tensor | None,
+    v_slc: torch.Tensor | None,
+    k_win: torch.Tensor | None,
+    v_win: torch.Tensor | None,
+) -> torch.Tensor:
+    """The branch wiring a fast implementation plugs its ops into.
+
+    ``compression(q, kc, vc) -> (o, lse)`` runs first, because its log-sum-exp scores
+    the selection: ``selection(q, kc, lse, k, v)`` gets ``lse=None`` when cmp is off and
+    computes it itself. ``window(q, k, v)``. Outputs are mixed by the gates.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    lse = None
+    if "cmp" in params.branches:
+        outputs["cmp"], lse = compression(q, kc, vc)
+    if "slc" in params.branches:
+        outputs["slc"] = selection(q, kc, lse, k_slc, v_slc)
+    if "win" in params.branches:
+        outputs["win"] = window(q, k_win, v_win)
+    return combine_branches(outputs, gates, params.branches)

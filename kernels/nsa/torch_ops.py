@@ -19,7 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from nsa_lab.kernels.nsa.spec import NSAParams, combine_branches, heads_per_group, softmax_scale
+from nsa_lab.kernels.nsa.spec import NSAParams, heads_per_group, run_branches, softmax_scale
 
 # Queries per chunk in selection/window attention: bounds the mask at [chunk, T].
 QUERY_CHUNK = 256
@@ -183,16 +183,20 @@ def nsa_attention(
     (cmp attends it, slc is scored by it), ``vc`` for cmp, ``k_slc/v_slc`` and
     ``k_win/v_win`` for their branches (the same tensors when K/V are shared).
     """
-    outputs: dict[str, torch.Tensor] = {}
-    branches = params.branches
-    lse = None
-    if "cmp" in branches:
-        outputs["cmp"], lse = compression_attention(q, kc, vc, params.l, params.d, scale)
-    if "slc" in branches:
-        outputs["slc"] = _selection_branch(q, kc, lse, k_slc, v_slc, params, scale)
-    if "win" in branches:
-        outputs["win"] = sliding_window_attention(q, k_win, v_win, params.w, scale)
-    return combine_branches(outputs, gates, branches)
+    return run_branches(
+        q,
+        gates,
+        params,
+        compression=lambda q, kc, vc: compression_attention(q, kc, vc, params.l, params.d, scale),
+        selection=lambda q, kc, lse, k, v: _selection_branch(q, kc, lse, k, v, params, scale),
+        window=lambda q, k, v: sliding_window_attention(q, k, v, params.w, scale),
+        kc=kc,
+        vc=vc,
+        k_slc=k_slc,
+        v_slc=v_slc,
+        k_win=k_win,
+        v_win=v_win,
+    )
 
 
 def query_chunks(t_len: int) -> list[tuple[int, int]]:

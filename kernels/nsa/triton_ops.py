@@ -10,7 +10,7 @@ Gate mixing and ``phi`` stay in PyTorch (elementwise / small MLP work).
 from __future__ import annotations
 
 import torch
-from nsa_lab.kernels.nsa.spec import NSAParams, combine_branches, softmax_scale
+from nsa_lab.kernels.nsa.spec import NSAParams, run_branches, softmax_scale
 from nsa_lab.kernels.nsa.triton_range_attention import range_attention
 from nsa_lab.kernels.nsa.triton_selection import select_blocks_triton, selection_attention_triton
 
@@ -73,13 +73,17 @@ def nsa_attention_triton(
 ) -> torch.Tensor:
     """Gated NSA output ``[B,T,H,Dv]``; arguments as in ``torch_ops.nsa_attention``."""
     scale = softmax_scale(q, scale)
-    branches = params.branches
-    outputs: dict[str, torch.Tensor] = {}
-    lse = None
-    if "cmp" in branches:
-        outputs["cmp"], lse = compression_branch(q, kc, vc, params, scale)
-    if "slc" in branches:
-        outputs["slc"] = selection_branch(q, kc, lse, k_slc, v_slc, params, scale)
-    if "win" in branches:
-        outputs["win"] = window_branch(q, k_win, v_win, params, scale)
-    return combine_branches(outputs, gates, branches)
+    return run_branches(
+        q,
+        gates,
+        params,
+        compression=lambda q, kc, vc: compression_branch(q, kc, vc, params, scale),
+        selection=lambda q, kc, lse, k, v: selection_branch(q, kc, lse, k, v, params, scale),
+        window=lambda q, k, v: window_branch(q, k, v, params, scale),
+        kc=kc,
+        vc=vc,
+        k_slc=k_slc,
+        v_slc=v_slc,
+        k_win=k_win,
+        v_win=v_win,
+    )
