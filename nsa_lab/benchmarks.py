@@ -10,6 +10,7 @@ backward, above what the inputs already hold.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -76,13 +77,27 @@ def nsa_call(op: Callable, inputs: dict, params: NSAParams) -> Callable[[], torc
     return lambda: op(inputs["q"], inputs["gates"], params, **tensors)
 
 
+def dense_inputs(inputs: dict) -> dict:
+    """q and the selection branch's k/v, the latter repeated to all query heads.
+
+    PyTorch's fused SDPA kernels need as many key heads as query heads; a GQA model
+    using them repeats its keys, so the baseline does too (outside the timed region).
+    """
+    hpg = inputs["q"].shape[2] // inputs["k_slc"].shape[2]
+    return {
+        "q": inputs["q"],
+        "k": inputs["k_slc"].detach().repeat_interleave(hpg, dim=2).requires_grad_(),
+        "v": inputs["v_slc"].detach().repeat_interleave(hpg, dim=2).requires_grad_(),
+    }
+
+
 def dense_call(inputs: dict, backend: SDPBackend) -> Callable[[], torch.Tensor]:
-    """Dense causal attention on the same q and the selection branch's k/v."""
-    q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k_slc", "v_slc"))
+    """Dense causal attention through one SDPA backend, on :func:`dense_inputs`."""
+    q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))
 
     def run() -> torch.Tensor:
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return run
 
@@ -113,10 +128,13 @@ def time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: dict) -> Timing:
 
 def fastest_dense(inputs: dict) -> tuple[str, Timing]:
     """The SDPA backend with the lowest forward + backward time, and its timing."""
+    dense = dense_inputs(inputs)
     best: tuple[str, Timing] | None = None
     for backend in DENSE_BACKENDS:
         try:
-            timing = time_fwd_bwd(dense_call(inputs, backend), inputs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                timing = time_fwd_bwd(dense_call(dense, backend), dense)
         except RuntimeError:  # backend unavailable for this shape/GPU
             continue
         if best is None or timing.fwd_bwd_ms < best[1].fwd_bwd_ms:
@@ -131,23 +149,33 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def correctness_line(shape: Shape, t_len: int, params: NSAParams) -> str:
-    """Triton vs the PyTorch path, both in bf16 on the same inputs: max relative L2 error."""
+    """Triton (bf16) and the PyTorch path (bf16) against the PyTorch path in fp32.
+
+    All three see the same bf16-valued inputs; the fp32 run is the reference, so the
+    Triton error can be read against the rounding the PyTorch path itself incurs.
+    """
     from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton
 
     torch.manual_seed(0)
     inputs = nsa_inputs(shape, t_len, params, torch.bfloat16)
-    leaves = list(inputs.values())
-    results = []
-    for op in (nsa_attention_triton, nsa_attention):
-        out = nsa_call(op, inputs, params)()
-        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        results.append((out, grads))
-    (out_t, grads_t), (out_r, grads_r) = results
-    fwd = rel_error(out_t, out_r)
-    bwd = max(rel_error(a, b) for a, b in zip(grads_t, grads_r, strict=True))
+    fp32 = {k: v.detach().float().requires_grad_() for k, v in inputs.items()}
+    runs = {}
+    for name, op, tensors in (
+        ("triton bf16", nsa_attention_triton, inputs),
+        ("torch bf16", nsa_attention, inputs),
+        ("torch fp32", nsa_attention, fp32),
+    ):
+        out = nsa_call(op, tensors, params)()
+        grad_out = torch.ones_like(out)
+        runs[name] = (out, torch.autograd.grad(out, list(tensors.values()), grad_out))
+    ref_out, ref_grads = runs.pop("torch fp32")
+    parts = []
+    for name, (out, grads) in runs.items():
+        worst = max(rel_error(a, b) for a, b in zip(grads, ref_grads, strict=True))
+        parts.append(f"{name}: forward {rel_error(out, ref_out):.1e}, worst gradient {worst:.1e}")
     return (
-        f"correctness at T={t_len}, {shape.name}, bf16: relative L2 error of Triton vs the "
-        f"PyTorch path: forward {fwd:.2e}, worst gradient {bwd:.2e}"
+        f"correctness at T={t_len}, {shape.name}: relative L2 error against the PyTorch "
+        f"path in fp32 on the same inputs: " + "; ".join(parts)
     )
 
 
@@ -176,6 +204,59 @@ def kernel_table(lengths: Sequence[int], shapes: Sequence[Shape], params: NSAPar
             print(rows[-1], flush=True)
             del inputs
             torch.cuda.empty_cache()
+    return rows
+
+
+def branch_breakdown(shape: Shape, t_len: int, params: NSAParams) -> list[str]:
+    """Where NSA's time goes: each Triton stage timed on its own (fwd, bwd)."""
+    from nsa_lab.kernels.nsa import triton_ops
+    from nsa_lab.kernels.nsa.triton_selection import (
+        select_blocks_triton,
+        selection_attention_triton,
+    )
+
+    torch.manual_seed(0)
+    x = nsa_inputs(shape, t_len, params, torch.bfloat16)
+    scale = shape.head_dim**-0.5
+    _, lse = triton_ops.compression_branch(x["q"], x["kc"], x["vc"], params, scale)
+
+    def pick() -> torch.Tensor:
+        return select_blocks_triton(
+            x["q"].detach(),
+            x["kc"].detach(),
+            lse,
+            l=params.l,
+            d=params.d,
+            l_sel=params.l_sel,
+            n=params.n,
+            force_init_local=True,
+            scale=scale,
+        )
+
+    indices = pick()
+    stages = {
+        "cmp attention": (
+            lambda: triton_ops.compression_branch(x["q"], x["kc"], x["vc"], params, scale)[0],
+            {"q": x["q"], "kc": x["kc"], "vc": x["vc"]},
+        ),
+        "slc attention": (
+            lambda: selection_attention_triton(
+                x["q"], x["k_slc"], x["v_slc"], indices, l_sel=params.l_sel, scale=scale
+            ),
+            {"q": x["q"], "k": x["k_slc"], "v": x["v_slc"]},
+        ),
+        "win attention": (
+            lambda: triton_ops.window_branch(x["q"], x["k_win"], x["v_win"], params, scale),
+            {"q": x["q"], "k": x["k_win"], "v": x["v_win"]},
+        ),
+    }
+    rows = [f"| stage ({shape.name}, T={t_len // 1024}k) | fwd ms | bwd ms |", "|---|---|---|"]
+    rows.append(f"| scores + top-n | {_median_ms(pick):.2f} | - |")
+    for name, (fn, leaves) in stages.items():
+        timing = time_fwd_bwd(fn, leaves)
+        rows.append(f"| {name} | {timing.fwd_ms:.2f} | {timing.bwd_ms:.2f} |")
+    for row in rows[-4:]:
+        print(row, flush=True)
     return rows
 
 
@@ -237,6 +318,8 @@ def run_kernel_bench(lengths: Sequence[int], correctness_len: int = 4096) -> str
     ]
     print("\n".join(lines), flush=True)
     lines += kernel_table(lengths, (PAPER_SHAPE, SMALL_SHAPE), PAPER_PARAMS)
+    lines += ["", "Per-stage breakdown at the longest length:", ""]
+    lines += branch_breakdown(PAPER_SHAPE, max(lengths), PAPER_PARAMS)
     lines += ["", "Training step, small model (4 layers, d_model 1024), batch 1:", ""]
     lines += train_step_table(16384, ("full", "nsa"))
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from nsa_lab.kernels.nsa import naive, torch_ops
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams
 

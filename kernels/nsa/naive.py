@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from nsa_lab.kernels.nsa.spec import NSAParams, combine_branches, heads_per_group, softmax_scale
 
 

@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from nsa_lab.kernels.nsa.spec import NSAParams, heads_per_group, run_branches, softmax_scale
 
 # Queries per chunk in selection/window attention: bounds the mask at [chunk, T].

@@ -10,9 +10,17 @@ Gate mixing and ``phi`` stay in PyTorch (elementwise / small MLP work).
 from __future__ import annotations
 
 import torch
+
 from nsa_lab.kernels.nsa.spec import NSAParams, run_branches, softmax_scale
 from nsa_lab.kernels.nsa.triton_range_attention import range_attention
 from nsa_lab.kernels.nsa.triton_selection import select_blocks_triton, selection_attention_triton
+
+
+def kernel_dtype(q: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``q``'s device, else ``q``'s own."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype
 
 
 def compression_branch(
@@ -71,10 +79,18 @@ def nsa_attention_triton(
     v_win: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Gated NSA output ``[B,T,H,Dv]``; arguments as in ``torch_ops.nsa_attention``."""
+    """Gated NSA output ``[B,T,H,Dv]``; arguments as in ``torch_ops.nsa_attention``.
+
+    Under autocast the projections arrive in mixed dtypes (bf16 from linear layers,
+    fp32 from RoPE); the kernels take one dtype, the autocast one.
+    """
     scale = softmax_scale(q, scale)
+    dtype = kernel_dtype(q)
+    kc, vc, k_slc, v_slc, k_win, v_win = (
+        None if t is None else t.to(dtype) for t in (kc, vc, k_slc, v_slc, k_win, v_win)
+    )
     return run_branches(
-        q,
+        q.to(dtype),
         gates,
         params,
         compression=lambda q, kc, vc: compression_branch(q, kc, vc, params, scale),

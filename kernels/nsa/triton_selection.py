@@ -1,0 +1,618 @@
+"""Triton kernels for NSA's selection branch: block scoring, top-n, and group-centric attention.
+
+Same functions as ``torch_ops.selection_scores`` + ``select_blocks`` and
+``torch_ops.selection_attention`` (see ``NSA_SPEC.md``), built so that nothing of size
+``T x T`` or ``T x Nc`` ever reaches memory:
+
+- :func:`select_blocks_triton` walks the queries in chunks. Per chunk, a score kernel
+  recomputes the compression probabilities from the cmp log-sum-exp tile by tile, sums
+  them over the group's heads and maps them onto selection blocks with an on-the-fly
+  overlap-count matrix (a ``tl.dot``); only the ``[B, G, chunk, Nsel]`` scores are
+  stored. A top-n kernel then picks each row's blocks (forced blocks first, ties to the
+  lower index).
+- :func:`selection_attention_triton` is the paper's group-centric kernel: one program
+  per (query position, batch, kv group) holds all the group's query heads and loads each
+  selected K/V block once for all of them. Its backward computes dQ on the same grid
+  and dK/dV from an inverse index (which queries chose block ``j``), one program per
+  block and chunk of its queries, so the block's K/V are loaded once per program and
+  its gradient leaves by one atomic add per element.
+
+All softmax work is in base 2 with the scale folded into one multiplier, and
+accumulates in float32 whatever the input dtype. Head and block dimensions are padded
+to powers of two (at least 16, as ``tl.dot`` needs) and masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_lab.kernels.nsa.spec import heads_per_group, softmax_scale
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+_LOG2E_K = tl.constexpr(LOG2E)  # the same, readable inside kernels
+
+# Score kernel: rows (query, head) x compressed blocks held per tile, bounding registers.
+SCORE_TILE_ELEMENTS = 8192
+SCORE_MAX_ROWS = 128
+# Selection blocks per score tile (the N of the overlap dot, so at least 16).
+SCORE_SEL_BLOCKS = 16
+# Top-n kernel: scores held per program (rows x padded Nsel).
+TOP_N_TILE_ELEMENTS = 4096
+# dK/dV kernel: (query, head) rows per inner step, and queries per program. Block 0 is
+# chosen by every query, so its list is split into pieces of at most this many queries.
+DKDV_ROWS = 64
+DKDV_MAX_QUERIES = 256
+
+
+def select_blocks_triton(
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    l: int,
+    d: int,
+    l_sel: int,
+    n: int,
+    force_init_local: bool,
+    scale: float | None = None,
+    query_chunk: int = 8192,
+) -> torch.Tensor:
+    """Top-``n`` selection blocks per query and group: int32 ``[B, T, G, n]``, -1 padded.
+
+    ``q [B,T,H,Dk]``, ``kc [B,Nc,G,Dk]`` and the cmp log-sum-exp ``lse [B,T,H]`` (natural
+    log; any value, ``-inf`` included, for queries that see no compressed block). Same
+    choice as ``select_blocks(selection_scores(...))`` and the same rank order (forced
+    blocks first, then by score, ties to the lower index). Scores live only for
+    ``query_chunk`` queries at a time: ``B * G * query_chunk * Nsel`` float32.
+    """
+    if l % d or l_sel % d or l > l_sel:
+        raise ValueError(f"need d | l, d | l_sel and l <= l_sel; got l={l}, d={d}, l_sel={l_sel}")
+    b, t_len, _, _ = q.shape
+    n_groups = kc.shape[2]
+    heads_per_group(q, kc)  # rejects a bad GQA split before any launch
+    scale = softmax_scale(q, scale)
+    out = torch.empty(b, t_len, n_groups, n, dtype=torch.int32, device=q.device)
+    chunk = max(1, min(query_chunk, t_len))
+    scores = torch.empty(
+        b, n_groups, chunk, math.ceil(t_len / l_sel), dtype=torch.float32, device=q.device
+    )
+    for start in range(0, t_len, chunk):
+        end = min(start + chunk, t_len)
+        rows = scores[:, :, : end - start, : math.ceil(end / l_sel)]
+        _score_chunk(q, kc, lse, rows, start, l=l, d=d, l_sel=l_sel, scale=scale)
+        _top_n(rows, out, start, n=n, l_sel=l_sel, force_init_local=force_init_local)
+    return out
+
+
+def selection_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    l_sel: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of each query over its group's selected blocks, causal inside its own block.
+
+    ``q [B,T,H,Dk]``, ``k [B,T,G,Dk]``, ``v [B,T,G,Dv]``, ``indices [B,T,G,n]`` (int32 or
+    int64, -1 = empty slot, blocks distinct within a row) -> ``[B,T,H,Dv]``, differentiable
+    in ``q, k, v``.
+    """
+    heads_per_group(q, k)
+    return _SelectionAttention.apply(q, k, v, indices, l_sel, softmax_scale(q, scale))
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _score_chunk(
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    lse: torch.Tensor,
+    scores: torch.Tensor,
+    t_start: int,
+    *,
+    l: int,
+    d: int,
+    l_sel: int,
+    scale: float,
+) -> None:
+    """Fill ``scores [B, G, rows, Nsel]`` for queries ``t_start ..`` (see :func:`_score_kernel`).
+
+    Entries of blocks a query cannot see may be left unwritten: the top-n masks them.
+    """
+    b, n_groups, rows, n_sel = scores.shape
+    n_cmp = kc.shape[1]
+    if n_cmp == 0:  # no compressed block exists: every probability, hence every score, is 0
+        scores.zero_()
+        return
+    hpg = heads_per_group(q, kc)
+    cmp_per_tile = SCORE_SEL_BLOCKS * (l_sel // d)
+    block_c = triton.next_power_of_2(cmp_per_tile)
+    heads_pow2 = triton.next_power_of_2(hpg)
+    tile_rows = max(16, min(SCORE_MAX_ROWS, SCORE_TILE_ELEMENTS // block_c), heads_pow2)
+    block_t = tile_rows // heads_pow2
+    grid = (triton.cdiv(rows, block_t), b * n_groups)
+    _score_kernel[grid](
+        q, kc, lse, scores,
+        t_start, rows, n_cmp, n_sel, n_groups, hpg, q.shape[3], scale,
+        *q.stride(), *kc.stride(), *lse.stride(), *scores.stride(),
+        L=l, D=d, L_SEL=l_sel, HPP=heads_pow2, BLOCK_T=block_t,
+        BLOCK_DK=_dim_block(q.shape[3]), BLOCK_S=SCORE_SEL_BLOCKS, BLOCK_C=block_c,
+        num_warps=8 if tile_rows * block_c >= 8192 else 4,
+    )  # fmt: skip
+
+
+@triton.jit
+def _score_kernel(
+    q_ptr, kc_ptr, lse_ptr, out_ptr,
+    t_start, n_rows, n_cmp, n_sel, n_groups, hpg, dk, scale,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kg, stride_kd,
+    stride_lb, stride_lt, stride_lh,
+    stride_ob, stride_og, stride_ot, stride_oj,
+    L: tl.constexpr, D: tl.constexpr, L_SEL: tl.constexpr, HPP: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Scores of ``BLOCK_T`` queries x one kv group, ``BLOCK_S`` selection blocks per step.
+
+    Rows are (query, head) pairs, query-major, so the group's heads share every ``kc``
+    tile. Step ``s`` covers selection blocks ``[s*BLOCK_S, (s+1)*BLOCK_S)`` and the
+    compressed blocks whose first segment lies in them; since ``l <= l_sel`` such a block
+    overlaps at most one block further, the first one of step ``s+1``, which it reaches
+    through ``carry``. The head sum happens once per step, on the mapped scores (the
+    overlap map is linear).
+    """
+    SEG_CMP: tl.constexpr = L // D  # segments per compressed block
+    SEG_SEL: tl.constexpr = L_SEL // D  # segments per selection block
+    CMP_PER_STEP: tl.constexpr = BLOCK_S * SEG_SEL
+    ROWS: tl.constexpr = BLOCK_T * HPP
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // n_groups).to(tl.int64)
+    g = pid_bg % n_groups
+    row = tl.arange(0, ROWS)
+    local = tl.program_id(0) * BLOCK_T + row // HPP
+    head = row % HPP
+    row_ok = (local < n_rows) & (head < hpg)
+    t = t_start + local
+    t_off = t.to(tl.int64)
+    q_head = g * hpg + head
+    q = _load_rows(
+        q_ptr, b * stride_qb + t_off * stride_qt + q_head * stride_qh, row_ok, dk, stride_qd,
+        BLOCK_DK,
+    )  # fmt: skip
+    lse_off = b * stride_lb + t_off * stride_lt + q_head * stride_lh
+    lse = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
+    last = tl.minimum(t_start + (tl.program_id(0) + 1) * BLOCK_T, t_start + n_rows) - 1
+    n_steps = (last // L_SEL) // BLOCK_S + 1
+    c_off = tl.arange(0, BLOCK_C)
+    s_off = tl.arange(0, BLOCK_S)
+    carry = tl.zeros((ROWS, BLOCK_S), dtype=tl.float32)
+    for step in range(n_steps):
+        cmp = step * CMP_PER_STEP + c_off
+        cmp_ok = (c_off < CMP_PER_STEP) & (cmp < n_cmp)
+        kc_off = b * stride_kb + cmp.to(tl.int64) * stride_kn + g * stride_kg
+        kc = _load_rows(kc_ptr, kc_off, cmp_ok, dk, stride_kd, BLOCK_DK)
+        logits = tl.dot(q, tl.trans(kc))
+        visible = (cmp * D + L - 1)[None, :] <= t[:, None]
+        keep = visible & cmp_ok[None, :] & row_ok[:, None]
+        # Masked before exp2: lse of a row that sees no block may be -inf or huge.
+        p = tl.exp2(tl.where(keep, logits * scale - lse[:, None], -float("inf")) * _LOG2E_K)
+        # Shared segments of cmp block i ([i, i + SEG_CMP)) and sel block j.
+        sel = step * BLOCK_S + s_off
+        lo = tl.maximum(cmp[:, None], (sel * SEG_SEL)[None, :])
+        hi = tl.minimum(cmp[:, None] + SEG_CMP, ((sel + 1) * SEG_SEL)[None, :])
+        overlap = tl.maximum(hi - lo, 0).to(tl.float32)
+        acc = carry + tl.dot(p, overlap, input_precision="tf32x3")
+        spill = tl.maximum(cmp + SEG_CMP - (step + 1) * CMP_PER_STEP, 0).to(tl.float32)
+        carry = tl.where(s_off[None, :] == 0, tl.sum(p * spill[None, :], axis=1)[:, None], 0.0)
+        score = tl.sum(tl.reshape(acc, (BLOCK_T, HPP, BLOCK_S)), axis=1)
+        out_local = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tl.store(
+            out_ptr + b * stride_ob + g * stride_og + out_local.to(tl.int64)[:, None] * stride_ot
+            + sel[None, :] * stride_oj,
+            score,
+            mask=(out_local < n_rows)[:, None] & (sel < n_sel)[None, :],
+        )  # fmt: skip
+
+
+def _top_n(
+    scores: torch.Tensor,
+    out: torch.Tensor,
+    t_start: int,
+    *,
+    n: int,
+    l_sel: int,
+    force_init_local: bool,
+) -> None:
+    """Write ``out[:, t_start : t_start + rows]`` from ``scores [B, G, rows, Nsel]``."""
+    b, n_groups, rows, n_sel = scores.shape
+    block_n = triton.next_power_of_2(n_sel)
+    block_r = max(1, min(16, TOP_N_TILE_ELEMENTS // block_n))
+    grid = (triton.cdiv(rows, block_r), b * n_groups)
+    _top_n_kernel[grid](
+        scores, out, t_start, rows, n_sel, n, n_groups,
+        *scores.stride(), *out.stride(),
+        L_SEL=l_sel, FORCE=force_init_local, BLOCK_R=block_r, BLOCK_N=block_n,
+        num_warps=4 if block_n >= 512 else 2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _top_n_kernel(
+    scores_ptr, out_ptr, t_start, n_rows, n_sel, n, n_groups,
+    stride_sb, stride_sg, stride_st, stride_sj,
+    stride_ob, stride_ot, stride_og, stride_on,
+    L_SEL: tl.constexpr, FORCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``BLOCK_R`` rows of one (batch, group): ``n`` rounds of (max, lowest index, knock out).
+
+    Invisible blocks are ``-inf`` and forced ones ``+inf``, so forced blocks come first
+    and a round whose maximum is ``-inf`` has run out of visible blocks: it writes -1.
+    """
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // n_groups).to(tl.int64)
+    g = pid_bg % n_groups
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = local < n_rows
+    current = (t_start + local) // L_SEL  # the block holding the query
+    block = tl.arange(0, BLOCK_N)
+    visible = (block[None, :] <= current[:, None]) & (block < n_sel)[None, :] & row_ok[:, None]
+    x = tl.load(
+        scores_ptr + b * stride_sb + g * stride_sg + local.to(tl.int64)[:, None] * stride_st
+        + block[None, :] * stride_sj,
+        mask=visible, other=-float("inf"),
+    )  # fmt: skip
+    if FORCE:
+        forced = (block[None, :] == 0) | (block[None, :] == current[:, None])
+        forced |= block[None, :] == current[:, None] - 1
+        x = tl.where(forced & visible, float("inf"), x)
+    out = out_ptr + b * stride_ob + (t_start + local).to(tl.int64) * stride_ot + g * stride_og
+    for slot in range(n):
+        best = tl.max(x, axis=1)
+        pick = tl.min(tl.where(x == best[:, None], block[None, :], BLOCK_N), axis=1)
+        tl.store(out + slot * stride_on, tl.where(best == -float("inf"), -1, pick), mask=row_ok)
+        x = tl.where(block[None, :] == pick[:, None], -float("inf"), x)
+
+
+# ------------------------------------------------------------------------- attention
+
+
+class _SelectionAttention(torch.autograd.Function):
+    """Forward and backward kernels of :func:`selection_attention_triton`."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        indices: torch.Tensor,
+        l_sel: int,
+        scale: float,
+    ) -> torch.Tensor:
+        b, t_len, h, dk = q.shape
+        n_groups, dv = k.shape[2], v.shape[3]
+        o = torch.empty(b, t_len, h, dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
+        meta = _attention_meta(q, k, v, l_sel)
+        _selection_fwd_kernel[(t_len, b * n_groups)](
+            q, k, v, indices, o, lse,
+            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(), *lse.stride(),
+            n_groups, h // n_groups, indices.shape[3], dk, dv, scale * LOG2E,
+            **meta, num_warps=4, num_stages=2,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, indices, o, lse)
+        ctx.l_sel, ctx.scale = l_sel, scale
+        return o
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor) -> tuple:
+        q, k, v, indices, o, lse = ctx.saved_tensors
+        l_sel, scale = ctx.l_sel, ctx.scale
+        b, t_len, h, dk = q.shape
+        n_groups, dv = k.shape[2], v.shape[3]
+        hpg, n_sel = h // n_groups, math.ceil(t_len / l_sel)
+        meta = _attention_meta(q, k, v, l_sel)
+        dq = torch.empty_like(q)
+        delta = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
+        _selection_dq_kernel[(t_len, b * n_groups)](
+            q, k, v, indices, o, do, lse, dq, delta,
+            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(),
+            *do.stride(), *lse.stride(), *dq.stride(),
+            n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
+            **meta, num_warps=4, num_stages=2,
+        )  # fmt: skip
+        dk_acc = torch.zeros(b, t_len, n_groups, dk, dtype=torch.float32, device=q.device)
+        dv_acc = torch.zeros(b, t_len, n_groups, dv, dtype=torch.float32, device=q.device)
+        items, positions = _queries_by_block(indices, n_sel, DKDV_MAX_QUERIES)
+        if items.shape[0]:
+            heads_pow2 = triton.next_power_of_2(hpg)
+            _selection_dkdv_kernel[(items.shape[0],)](
+                q, k, v, do, lse, delta, dk_acc, dv_acc, items, positions,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
+                *dk_acc.stride(), *dv_acc.stride(),
+                t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
+                L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
+                BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
+                num_warps=4, num_stages=2,
+            )  # fmt: skip
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None
+
+
+def _dim_block(dim: int) -> int:
+    """A tile width for a head or block dimension: a power of two, at least 16 (``tl.dot``)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _attention_meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l_sel: int) -> dict:
+    """Compile-time tile sizes of the forward and dQ kernels (the dK/dV kernel shares some)."""
+    return {
+        "L_SEL": l_sel,
+        "HP": _dim_block(heads_per_group(q, k)),
+        "BLOCK_L": _dim_block(l_sel),
+        "BLOCK_DK": _dim_block(q.shape[3]),
+        "BLOCK_DV": _dim_block(v.shape[3]),
+    }
+
+
+def _queries_by_block(
+    indices: torch.Tensor, n_sel: int, max_queries: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``indices [B,T,G,n]``: which query positions chose each (b, g, block).
+
+    Returns ``positions`` (int32, the query positions grouped by bucket ``(b*G + g)*Nsel +
+    j``, ascending within a bucket) and ``items [pieces, 3]`` (int64 ``bucket, start,
+    end`` into ``positions``), each bucket's list cut into pieces of at most
+    ``max_queries``. One host sync: the number of pieces sizes the grid.
+    """
+    b, t_len, n_groups, n = indices.shape
+    n_buckets = b * n_groups * n_sel
+    device = indices.device
+    batch = torch.arange(b, device=device).view(b, 1, 1, 1)
+    group = torch.arange(n_groups, device=device).view(1, 1, n_groups, 1)
+    bucket = (batch * n_groups + group) * n_sel + indices.long()
+    bucket = torch.where(indices >= 0, bucket, n_buckets).flatten()  # empty slots sort last
+    entry = torch.sort(bucket, stable=True).indices
+    positions = ((entry // (n_groups * n)) % t_len).to(torch.int32)
+    counts = torch.bincount(bucket, minlength=n_buckets + 1)[:n_buckets]
+    ends = counts.cumsum(0)
+    pieces = (counts + max_queries - 1) // max_queries
+    n_pieces = int(pieces.sum())
+    owner = torch.repeat_interleave(
+        torch.arange(n_buckets, device=device), pieces, output_size=n_pieces
+    )
+    rank = torch.arange(n_pieces, device=device) - (pieces.cumsum(0) - pieces)[owner]
+    starts = (ends - counts)[owner] + rank * max_queries
+    stops = torch.minimum(starts + max_queries, ends[owner])
+    return torch.stack([owner, starts, stops], dim=1).contiguous(), positions
+
+
+@triton.jit
+def _load_rows(
+    ptr, row_off, row_ok, n_dims, stride_d, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """``[rows, BLOCK_D]`` from row offsets (position and head strides applied), zero padded."""
+    dims = tl.arange(0, BLOCK_D)
+    return tl.load(
+        ptr + row_off[:, None] + dims[None, :] * stride_d,
+        mask=row_ok[:, None] & (dims < n_dims)[None, :], other=0.0,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_rows(ptr, row_off, row_ok, value, n_dims, stride_d, BLOCK_D: tl.constexpr):
+    """The inverse of :func:`_load_rows`, casting to the buffer's dtype."""
+    dims = tl.arange(0, BLOCK_D)
+    tl.store(
+        ptr + row_off[:, None] + dims[None, :] * stride_d,
+        value.to(ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (dims < n_dims)[None, :],
+    )
+
+
+@triton.jit
+def _columns(ptr, n_dims, stride_d, BLOCK_D: tl.constexpr):
+    """``[1, BLOCK_D]`` pointers along a head dimension and their mask, built once per program."""
+    dims = tl.arange(0, BLOCK_D)
+    return ptr + (dims * stride_d)[None, :], (dims < n_dims)[None, :]
+
+
+@triton.jit
+def _load_block(
+    k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt,
+    L_SEL: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """K ``[BLOCK_L, BLOCK_DK]``, V, key mask and positions of selection block ``block``.
+
+    ``k_cols``/``v_cols`` come from :func:`_columns` at the (batch, group) base. Keys past
+    ``last`` (the causal limit, at most ``T - 1``) and any key of a negative block (an
+    empty slot: ``pos < 0`` for every key below ``L_SEL``) are masked and read as 0.
+    """
+    key = tl.arange(0, BLOCK_L)
+    pos = block.to(tl.int64) * L_SEL + key
+    key_ok = (key < L_SEL) & (pos >= 0) & (pos <= last)
+    k = tl.load(k_cols + pos[:, None] * stride_kt, mask=key_ok[:, None] & dk_ok, other=0.0)
+    v = tl.load(v_cols + pos[:, None] * stride_vt, mask=key_ok[:, None] & dv_ok, other=0.0)
+    return k, v, key_ok, pos
+
+
+@triton.jit
+def _selection_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kg, stride_kd,
+    stride_vb, stride_vt, stride_vg, stride_vd,
+    stride_ib, stride_it, stride_ig, stride_in,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_lb, stride_lt, stride_lh,
+    n_groups, hpg, n, dk, dv, qk_scale,
+    L_SEL: tl.constexpr, HP: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One (position ``t``, batch, group): all group heads against the ``n`` chosen blocks.
+
+    Online softmax over the blocks; the running max starts finite so that a fully masked
+    block (an empty slot) contributes exactly nothing instead of NaN. Stores the base-2
+    log-sum-exp for the backward.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // n_groups).to(tl.int64)
+    g = pid_bg % n_groups
+    head = tl.arange(0, HP)
+    row_ok = head < hpg
+    q_head = g * hpg + head
+    q_rows = b * stride_qb + t * stride_qt + q_head * stride_qh
+    q = _load_rows(q_ptr, q_rows, row_ok, dk, stride_qd, BLOCK_DK)
+    k_cols, dk_ok = _columns(k_ptr + b * stride_kb + g * stride_kg, dk, stride_kd, BLOCK_DK)
+    v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
+    m_i = tl.full((HP,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((HP,), dtype=tl.float32)
+    acc = tl.zeros((HP, BLOCK_DV), dtype=tl.float32)
+    idx_row = idx_ptr + b * stride_ib + t * stride_it + g * stride_ig
+    for slot in range(n):
+        block = tl.load(idx_row + slot * stride_in)
+        k, v, key_ok, _ = _load_block(
+            k_cols, v_cols, dk_ok, dv_ok, block, t, stride_kt, stride_vt, L_SEL, BLOCK_L
+        )
+        qk = tl.where(key_ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    o_rows = b * stride_ob + t * stride_ot + q_head * stride_oh
+    _store_rows(o_ptr, o_rows, row_ok, acc / l_safe[:, None], dv, stride_od, BLOCK_DV)
+    lse = tl.where(has_keys, m_i + tl.log2(l_safe), -float("inf"))
+    tl.store(lse_ptr + b * stride_lb + t * stride_lt + q_head * stride_lh, lse, mask=row_ok)
+
+
+@triton.jit
+def _selection_dq_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kg, stride_kd,
+    stride_vb, stride_vt, stride_vg, stride_vd,
+    stride_ib, stride_it, stride_ig, stride_in,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_lb, stride_lt, stride_lh,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    n_groups, hpg, n, dk, dv, qk_scale, scale,
+    L_SEL: tl.constexpr, HP: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dQ on the forward's grid; also stores ``delta = rowsum(o * do)`` for the dK/dV kernel.
+
+    ``lse``/``delta`` share the ``[B, T, H]`` float32 layout, so one set of strides serves both.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // n_groups).to(tl.int64)
+    g = pid_bg % n_groups
+    head = tl.arange(0, HP)
+    row_ok = head < hpg
+    q_head = g * hpg + head
+    q = _load_rows(
+        q_ptr, b * stride_qb + t * stride_qt + q_head * stride_qh, row_ok, dk, stride_qd, BLOCK_DK
+    )
+    o = _load_rows(
+        o_ptr, b * stride_ob + t * stride_ot + q_head * stride_oh, row_ok, dv, stride_od, BLOCK_DV
+    )
+    do_rows = b * stride_dob + t * stride_dot + q_head * stride_doh
+    do = _load_rows(do_ptr, do_rows, row_ok, dv, stride_dod, BLOCK_DV)
+    row_stat = b * stride_lb + t * stride_lt + q_head * stride_lh
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + row_stat, delta, mask=row_ok)
+    lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=0.0)
+    k_cols, dk_ok = _columns(k_ptr + b * stride_kb + g * stride_kg, dk, stride_kd, BLOCK_DK)
+    v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
+    dq = tl.zeros((HP, BLOCK_DK), dtype=tl.float32)
+    idx_row = idx_ptr + b * stride_ib + t * stride_it + g * stride_ig
+    for slot in range(n):
+        block = tl.load(idx_row + slot * stride_in)
+        k, v, key_ok, _ = _load_block(
+            k_cols, v_cols, dk_ok, dv_ok, block, t, stride_kt, stride_vt, L_SEL, BLOCK_L
+        )
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(qk - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq_rows = b * stride_dqb + t * stride_dqt + q_head * stride_dqh
+    _store_rows(dq_ptr, dq_rows, row_ok, dq * scale, dk, stride_dqd, BLOCK_DK)
+
+
+@triton.jit
+def _selection_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, items_ptr, pos_ptr,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kg, stride_kd,
+    stride_vb, stride_vt, stride_vg, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_lb, stride_lt, stride_lh,
+    stride_dkb, stride_dkt, stride_dkg, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvg, stride_dvd,
+    t_len, n_groups, n_sel, hpg, dk, dv, qk_scale, scale,
+    L_SEL: tl.constexpr, HPP: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dK/dV of one selection block from one piece of the queries that chose it.
+
+    K/V of the block stay in registers while the piece's queries stream past,
+    ``ROWS // HPP`` positions (all their group heads) per step, in transposed form
+    (keys x rows) so both gradients accumulate as ``[BLOCK_L, D]``. The partial sums
+    leave by one float32 atomic add per element: other pieces of the same block add theirs.
+    """
+    item = items_ptr + tl.program_id(0) * 3
+    bucket = tl.load(item)
+    start = tl.load(item + 1)
+    stop = tl.load(item + 2)
+    block = bucket % n_sel
+    b = bucket // n_sel // n_groups
+    g = bucket // n_sel % n_groups
+    k_cols, dk_ok = _columns(k_ptr + b * stride_kb + g * stride_kg, dk, stride_kd, BLOCK_DK)
+    v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
+    k, v, key_ok, key_pos = _load_block(
+        k_cols, v_cols, dk_ok, dv_ok, block, t_len - 1, stride_kt, stride_vt, L_SEL, BLOCK_L
+    )
+    QUERIES: tl.constexpr = ROWS // HPP
+    row = tl.arange(0, ROWS)
+    head = row % HPP
+    q_head = g * hpg + head
+    dk_acc = tl.zeros((BLOCK_L, BLOCK_DK), dtype=tl.float32)
+    dv_acc = tl.zeros((BLOCK_L, BLOCK_DV), dtype=tl.float32)
+    for first in range(start, stop, QUERIES):
+        entry = first + row // HPP
+        row_ok = (entry < stop) & (head < hpg)
+        t = tl.load(pos_ptr + entry, mask=entry < stop, other=0).to(tl.int64)
+        q_rows = b * stride_qb + t * stride_qt + q_head * stride_qh
+        q = _load_rows(q_ptr, q_rows, row_ok, dk, stride_qd, BLOCK_DK)
+        do_rows = b * stride_dob + t * stride_dot + q_head * stride_doh
+        do = _load_rows(do_ptr, do_rows, row_ok, dv, stride_dod, BLOCK_DV)
+        row_stat = b * stride_lb + t * stride_lt + q_head * stride_lh
+        lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + row_stat, mask=row_ok, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # [keys, rows]
+        causal = key_pos[:, None] <= t[None, :]
+        p_t = tl.where(
+            key_ok[:, None] & row_ok[None, :] & causal, tl.exp2(qk_t - lse[None, :]), 0.0
+        )
+        dv_acc += tl.dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk_acc += tl.dot(ds_t.to(q.dtype), q)
+    key_mask = key_ok[:, None]
+    dk_cols, _ = _columns(dk_ptr + b * stride_dkb + g * stride_dkg, dk, stride_dkd, BLOCK_DK)
+    dv_cols, _ = _columns(dv_ptr + b * stride_dvb + g * stride_dvg, dv, stride_dvd, BLOCK_DV)
+    dk_out = dk_cols + key_pos[:, None] * stride_dkt
+    dv_out = dv_cols + key_pos[:, None] * stride_dvt
+    tl.atomic_add(dk_out, dk_acc * scale, mask=key_mask & dk_ok, sem="relaxed")
+    tl.atomic_add(dv_out, dv_acc, mask=key_mask & dv_ok, sem="relaxed")

@@ -1,0 +1,136 @@
+"""The selection-branch Triton kernels against the PyTorch ops they replace.
+
+Block choice (score + top-n kernels) must pick the same sets as ``selection_scores`` +
+``select_blocks`` on float64; group-centric selection attention must match
+``selection_attention`` in output and in dq, dk, dv. Shapes are tiny: under Triton's CPU
+interpreter (no GPU) every program runs in Python. Outputs the kernels allocate are
+poisoned (NaN / a bogus index), so an element no kernel writes fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from nsa_lab.kernels.nsa import triton_selection  # noqa: E402
+from nsa_lab.kernels.nsa.torch_ops import (  # noqa: E402
+    compression_attention,
+    select_blocks,
+    selection_attention,
+    selection_scores,
+)
+from nsa_lab.kernels.nsa.triton_selection import (  # noqa: E402
+    select_blocks_triton,
+    selection_attention_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 5e-3 if DEVICE == "cuda" else 1e-3  # fp32 tl.dot is tf32 on a GPU
+L, D = 8, 4  # compression block length and stride
+POISON_INDEX = 77
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.empty``/``empty_like`` hand out NaN (float) or ``POISON_INDEX`` (int) memory."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(x: torch.Tensor) -> torch.Tensor:
+        return x.fill_(math.nan if x.is_floating_point() else POISON_INDEX)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "NaN or inf in the Triton result"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def randn(*shape: int, pad_last: int = 0) -> torch.Tensor:
+    """A random tensor viewed out of a wider one: kernels must honour strides."""
+    return torch.randn(*shape[:-1], shape[-1] + pad_last, device=DEVICE)[..., : shape[-1]]
+
+
+@pytest.mark.parametrize(
+    ("t_len", "hpg", "g", "dk", "l_sel", "n", "force", "chunk", "lse_inf"),
+    [
+        (5, 3, 2, 32, 8, 3, True, 16, True),  # no compressed block exists
+        (37, 3, 2, 24, 8, 4, True, 16, False),  # 3 chunks, non-power-of-2 dim
+        (37, 1, 2, 32, 16, 3, False, 8, True),
+        (70, 3, 1, 32, 16, 4, False, 32, False),
+        (70, 16, 1, 16, 8, 3, True, 64, True),  # the paper's 16 heads per group
+        (140, 3, 1, 16, 8, 6, False, 64, False),  # 18 blocks: cmp blocks spill across tiles
+    ],
+)
+def test_select_blocks_picks_the_torch_sets(
+    poisoned, t_len, hpg, g, dk, l_sel, n, force, chunk, lse_inf
+):
+    torch.manual_seed(t_len * 100 + hpg * 10 + l_sel)
+    b, n_cmp = 2, max(0, (t_len - L) // D + 1)
+    q, kc = randn(b, t_len, g * hpg, dk, pad_last=3), randn(b, n_cmp, g, dk)
+    _, lse = compression_attention(q, kc, kc, L, D)
+    if lse_inf:  # the Triton cmp kernel's convention for queries that see no block
+        lse[:, : L - 1] = -math.inf
+    idx = select_blocks_triton(
+        q, kc, lse, l=L, d=D, l_sel=l_sel, n=n, force_init_local=force, scale=None,
+        query_chunk=chunk,
+    )  # fmt: skip
+    _, lse64 = compression_attention(q.double(), kc.double(), kc.double(), L, D)
+    scores = selection_scores(q.double(), kc.double(), lse64, L, D, l_sel)
+    ref = select_blocks(scores, n, l_sel, force)
+    assert idx.dtype == torch.int32 and idx.shape == ref.shape
+    assert torch.equal(idx.long().sort(dim=-1).values, ref.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_top_n_breaks_ties_toward_the_lower_index(poisoned, force):
+    torch.manual_seed(1)
+    t_len, l_sel, n = 40, 8, 4
+    scores = torch.randint(0, 3, (2, t_len, 2, math.ceil(t_len / l_sel)), device=DEVICE).float()
+    out = torch.empty(2, t_len, 2, n, dtype=torch.int32, device=DEVICE)
+    by_group = scores.permute(0, 2, 1, 3)  # the kernel's [B, G, rows, Nsel] layout, as a view
+    for start, end in [(0, 16), (16, t_len)]:
+        triton_selection._top_n(
+            by_group[:, :, start:end], out, start, n=n, l_sel=l_sel, force_init_local=force
+        )
+    assert torch.equal(out.long(), select_blocks(scores, n, l_sel, force))  # rank order too
+
+
+@pytest.mark.parametrize(
+    ("t_len", "hpg", "g", "dk", "dv", "l_sel", "n", "force", "max_queries"),
+    [
+        (5, 3, 1, 32, 16, 8, 3, True, 256),
+        (37, 3, 2, 32, 16, 8, 4, False, 8),  # Dk != Dv; block lists cut into pieces
+        (70, 1, 2, 24, 24, 16, 3, True, 16),  # non-power-of-2 dim, ragged last block
+    ],
+)
+def test_selection_attention_matches_torch(
+    poisoned, monkeypatch, t_len, hpg, g, dk, dv, l_sel, n, force, max_queries
+):
+    torch.manual_seed(t_len + hpg)
+    monkeypatch.setattr(triton_selection, "DKDV_MAX_QUERIES", max_queries)
+    b = 2
+    q = randn(b, t_len, g * hpg, dk, pad_last=5).requires_grad_()
+    k = torch.randn(b, g, t_len, dk, device=DEVICE).transpose(1, 2).requires_grad_()
+    v = randn(b, t_len, g, dv, pad_last=2).requires_grad_()
+    scores = torch.rand(b, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
+    ranked = select_blocks(scores, n, l_sel, force)
+    # Slot order must not matter: shuffle so that empty (-1) slots sit anywhere.
+    indices = ranked.gather(-1, torch.rand(ranked.shape, device=DEVICE).argsort(-1)).int()
+
+    out = selection_attention_triton(q, k, v, indices, l_sel=l_sel, scale=None)
+    doubles = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = selection_attention(*doubles, indices.long(), l_sel)
+    assert rel_err(out, ref) < TOL
+    grad = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), grad.float())
+    ref_grads = torch.autograd.grad(ref, doubles, grad)
+    for name, a, r in zip("qkv", grads, ref_grads, strict=True):
+        assert rel_err(a, r) < TOL, f"d{name}"
