@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -133,14 +134,18 @@ def test_ctrl_c_marks_the_run_failed_and_leaves_a_checkpoint(workdir: Path):
 
 
 def _wait_for_logged_steps(workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll the store with plain read-only sqlite: an MlflowClient here would race the
+    child's schema creation."""
+    db = workdir / "mlflow.db"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        if (workdir / "mlflow.db").exists():
-            client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-            experiment = client.get_experiment_by_name("smoke")
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
-                return
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                query = "SELECT count(*) FROM metrics WHERE key = 'train/loss'"
+                if conn.execute(query).fetchone()[0] >= 3:
+                    return
+        except sqlite3.Error:  # not created yet
+            pass
         time.sleep(0.5)
     raise AssertionError("training never logged a step")

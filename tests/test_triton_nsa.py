@@ -108,4 +108,6 @@ def test_nsa_layer_triton_matches_torch_including_phi_and_gate_grads(name):
         if ref is None:
             assert p.grad is None, pname
             continue
-        assert rel_err(p.grad, ref) < TOL, pname
+        # Some grads are zero up to rounding (e.g. phi_K's output bias shifts every
+        # compressed key alike, which the softmax ignores): judge those absolutely.
+        assert rel_err(p.grad, ref) < TOL or (p.grad - ref).abs().max() < 1e-6, pname
