@@ -80,6 +80,8 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16
     num_workers: int = 0
+    # Share of training sequences replaced by synthetic needle-retrieval samples.
+    needle_fraction: float = 0.0
 
 
 @dataclass
@@ -104,6 +106,7 @@ class TrainConfig:
     ckpt_dir: str = "checkpoints"
     # false, true (latest checkpoint of this run name) or a checkpoint path
     resume: str = "false"
+    eval_needle: bool = False  # run the needle-in-a-haystack evaluation after training
 
 
 @dataclass
@@ -264,6 +267,12 @@ def _validate_data(dc: DictConfig, m: DictConfig) -> None:
     )
     _require(0 < dc.val_fraction < 1, "data.val_fraction", dc.val_fraction, "must lie in (0, 1)")
     _require(dc.num_workers >= 0, "data.num_workers", dc.num_workers, "must be >= 0")
+    _require(
+        0 <= dc.needle_fraction <= 1,
+        "data.needle_fraction",
+        dc.needle_fraction,
+        "must lie in [0, 1]",
+    )
 
 
 def _validate_train(t: DictConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -40,13 +41,15 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
-def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
+def make_logger(
+    cfg: DictConfig, run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> MLFlowLogger:
     """An MLflow logger for ``cfg``; ``run_id`` continues an existing run (resume)."""
     return MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name,
         tracking_uri=cfg.tracking.uri,
-        tags={"variant": cfg.attn.name, "git_commit": git_commit()},
+        tags={"variant": cfg.attn.name, "git_commit": git_commit(), **(tags or {})},
         artifact_location=artifact_location(cfg.tracking.uri),
         run_id=run_id,
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError
@@ -32,11 +34,17 @@ class TrainResult:
     global_step: int
 
 
-def train(cfg: DictConfig) -> TrainResult:
+def train(
+    cfg: DictConfig,
+    callbacks: Sequence[L.Callback] = (),
+    tags: Mapping[str, str] | None = None,
+) -> TrainResult:
     """Train ``cfg`` (already validated) and return where its run and checkpoint are.
 
     The MLflow run ends FINISHED, or FAILED on any exception or Ctrl-C; a crash
     leaves ``on_exception.ckpt`` beside the periodic ``last.ckpt`` for ``train.resume``.
+    ``callbacks`` join the trainer's own (a sweep's pruning callback, say) and
+    ``tags`` the run's (e.g. ``mlflow.parentRunId`` for a sweep trial).
     """
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     resume_path = resolve_resume(cfg)  # also fixes cfg.tracking.run_name
@@ -44,7 +52,7 @@ def train(cfg: DictConfig) -> TrainResult:
     data.setup("fit")  # data errors surface before a run is created
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
 
-    logger = make_logger(cfg, run_id=_run_id_in(resume_path))
+    logger = make_logger(cfg, run_id=_run_id_in(resume_path), tags=tags)
     run_id = logger.run_id
     log_config(
         logger,
@@ -52,7 +60,7 @@ def train(cfg: DictConfig) -> TrainResult:
         {"model.n_params": module.model.num_params(), "data.train_tokens": data.n_train_tokens},
     )
     ckpt_dir = Path(cfg.train.ckpt_dir) / cfg.tracking.run_name
-    trainer = _make_trainer(cfg, logger, ckpt_dir, run_id)
+    trainer = _make_trainer(cfg, logger, ckpt_dir, run_id, callbacks)
     ok = False
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_path)
@@ -110,7 +118,13 @@ def _run_id_in(ckpt_path: str | None) -> str | None:
     return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
 
 
-def _make_trainer(cfg: DictConfig, logger, ckpt_dir: Path, run_id: str) -> L.Trainer:
+def _make_trainer(
+    cfg: DictConfig,
+    logger: MLFlowLogger,
+    ckpt_dir: Path,
+    run_id: str,
+    extra_callbacks: Sequence[L.Callback],
+) -> L.Trainer:
     t = cfg.train
     return L.Trainer(
         max_steps=t.max_steps,
@@ -133,6 +147,7 @@ def _make_trainer(cfg: DictConfig, logger, ckpt_dir: Path, run_id: str) -> L.Tra
             CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
             RunIdInCheckpoint(run_id),
             TokenThroughput(t.log_every),
+            *extra_callbacks,
         ],
     )
 
