@@ -34,6 +34,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from nsa_lab.training.run import train  # heavy imports only when training
 
     result = train(cfg)
+    if result.run_id is None:  # a DDP worker: rank 0 reports
+        return 0
     print(
         f"run {result.run_name} ({result.run_id}): step {result.global_step}, "
         f"val loss {result.val_loss:.4f}, checkpoint {result.checkpoint}"

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 BRANCHES = ("cmp", "slc", "win")
 IMPLS = ("auto", "torch", "triton")
+STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 DATA_SOURCES = ("builtin", "text", "json", "parquet", "hub")
 
@@ -99,7 +100,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16-mixed where the GPU has bf16, else 32-true
     seed: int = 0
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: str = "auto"  # "auto", a count ("2") or a list ("[0,1]"), as Lightning takes it
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp (Lightning's own strategies)
     val_every: int = 100
     val_batches: int = 20
     log_every: int = 10

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError
@@ -27,7 +28,9 @@ from nsa_lab.training.module import LanguageModel
 
 @dataclass
 class TrainResult:
-    run_id: str
+    """What a finished ``train`` returns (``run_id`` is None on ranks other than 0)."""
+
+    run_id: str | None
     run_name: str
     checkpoint: Path
     val_loss: float
@@ -53,14 +56,17 @@ def train(
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
 
     logger = make_logger(cfg, run_id=_run_id_in(resume_path), tags=tags)
-    run_id = logger.run_id
-    log_config(
-        logger,
-        cfg,
-        {"model.n_params": module.model.num_params(), "data.train_tokens": data.n_train_tokens},
-    )
     ckpt_dir = Path(cfg.train.ckpt_dir) / cfg.tracking.run_name
-    trainer = _make_trainer(cfg, logger, ckpt_dir, run_id, callbacks)
+    trainer = _make_trainer(cfg, logger, ckpt_dir, callbacks)
+    # Only global rank 0 talks to MLflow (Lightning gives other ranks a no-op logger).
+    run_id = logger.run_id if trainer.is_global_zero else None
+    if trainer.is_global_zero:
+        log_config(
+            logger,
+            cfg,
+            {"model.n_params": module.model.num_params(), "data.train_tokens": data.n_train_tokens},
+        )
+        trainer.callbacks.append(RunIdInCheckpoint(run_id))
     ok = False
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_path)
@@ -77,7 +83,7 @@ def train(
         run_id=run_id,
         run_name=cfg.tracking.run_name,
         checkpoint=ckpt_dir / "last.ckpt",
-        val_loss=float(trainer.callback_metrics["val/loss"]),
+        val_loss=float(trainer.callback_metrics.get("val/loss", float("nan"))),
         global_step=trainer.global_step,
     )
 
@@ -122,7 +128,6 @@ def _make_trainer(
     cfg: DictConfig,
     logger: MLFlowLogger,
     ckpt_dir: Path,
-    run_id: str,
     extra_callbacks: Sequence[L.Callback],
 ) -> L.Trainer:
     t = cfg.train
@@ -130,6 +135,8 @@ def _make_trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=_devices(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=_strategy(t.strategy),
         precision=resolve_precision(t.precision, t.accelerator),
         gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every,
@@ -145,7 +152,6 @@ def _make_trainer(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every
             ),
             CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
-            RunIdInCheckpoint(run_id),
             TokenThroughput(t.log_every),
             *extra_callbacks,
         ],
@@ -164,3 +170,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
+
+
+def _strategy(name: str) -> str | FSDPStrategy:
+    """Lightning's strategies; FSDP saves full (unsharded) checkpoints, so a run can
+    resume on another device count."""
+    if name == "fsdp":
+        return FSDPStrategy(state_dict_type="full")
+    return name
