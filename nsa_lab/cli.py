@@ -88,6 +88,51 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from nsa_lab.sweeps.runner import run_sweep
+    from nsa_lab.sweeps.spec import load_spec
+
+    spec = load_spec(ns.spec, ns.overrides, ns.trials, ns.workers, ns.storage)
+    try:
+        result = run_sweep(spec)
+    except KeyboardInterrupt:
+        print("nsa-lab: sweep interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    counts = result.counts
+    print(
+        f"sweep {result.study_name}: {counts['counted']} trials done, {counts['rejected']} "
+        f"rejected, {counts['lost']} lost; best trial(s) {result.best_trials or '-'}; "
+        f"parent run {result.parent_run_id}; storage {result.storage}"
+    )
+    return 1 if result.failed_workers else 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from nsa_lab.sweeps.report import write_report
+
+    cfg = _config_from(ns)
+    print(write_report(ns.target, cfg.tracking.uri, ns.out))
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from nsa_lab.evaluation.needle import evaluate_run, parse_depths, parse_lengths
+    from nsa_lab.evaluation.results import markdown_table
+
+    results = evaluate_run(
+        ns.run,
+        lengths=parse_lengths(ns.lengths) if ns.lengths else None,
+        depths=parse_depths(ns.depths) if ns.depths else None,
+        trials=ns.trials,
+        seed=ns.seed,
+        tracking_uri=ns.tracking_uri,
+        out_dir=ns.out,
+        device=ns.device,
+    )
+    print(markdown_table(results, f"needle retrieval of {results.meta['variant']} ({ns.run})"))
+    return 0
+
+
 CONFIG_ARGS_HELP = (
     "YAML config files and key=value overrides, e.g. experiments/smoke.yaml attn.l=32"
 )
@@ -153,6 +198,59 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["kernels"], help="what to benchmark")
     bench.add_argument("--lengths", default="8k,16k,32k,64k", help="sequence lengths")
     bench.add_argument("--out", help="also write the markdown report to this file")
+    evaluate = add(
+        "eval",
+        cmd_eval,
+        "Evaluate a trained run: needle-in-a-haystack retrieval accuracy per length and "
+        "depth, logged into the run (metrics needle/acc..., heatmap) and printed.",
+        "nsa-lab eval needle 3f2a...c9 --lengths 256,512,1024 --depths 0,0.5,1 --trials 20",
+        config=False,
+    )
+    evaluate.add_argument("what", choices=["needle"], help="which evaluation")
+    evaluate.add_argument("run", metavar="RUN", help="MLflow run id or checkpoint path")
+    evaluate.add_argument(
+        "--lengths", help="context lengths in tokens (default: 1/4, 1/2, 1 x trained length)"
+    )
+    evaluate.add_argument("--depths", help="needle depths, fractions (default: 0,0.1,...,1)")
+    evaluate.add_argument("--trials", type=int, help="needles per cell (default 20)")
+    evaluate.add_argument("--seed", type=int, default=0, help="picks the needles (default 0)")
+    evaluate.add_argument(
+        "--tracking-uri", help="store of the run (default: the run's own, or sqlite:///mlflow.db)"
+    )
+    evaluate.add_argument("--out", help="also write the JSON, CSV and heatmap into this folder")
+    evaluate.add_argument("--device", default="auto", help="auto (GPU if any), cpu or cuda")
+    sweep = add(
+        "sweep",
+        cmd_sweep,
+        "Run or resume an Optuna sweep from a spec; every trial is a child MLflow run.",
+        "nsa-lab sweep sweeps/ablations.yaml --workers 2",
+        config=False,
+    )
+    sweep.add_argument("spec", metavar="SPEC.yaml", help="sweep spec (see sweeps/)")
+    sweep.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides for every trial"
+    )
+    sweep.add_argument(
+        "--trials", type=int, help="total trials the study should hold (default: the spec's)"
+    )
+    sweep.add_argument("--workers", type=int, help="worker processes on this machine")
+    sweep.add_argument("--storage", help="Optuna RDB URL (default: optuna.db beside mlflow.db)")
+    report = add(
+        "report",
+        cmd_report,
+        "Compare runs: a table (val loss, needle accuracy, tokens/s, attended tokens) "
+        "and overlaid validation-loss curves, printed and logged to MLflow.",
+        "nsa-lab report ablations tracking.uri=sqlite:///mlflow.db --out report/",
+        config=False,
+    )
+    report.add_argument("target", metavar="EXPERIMENT|PARENT_RUN_ID", help="what to compare")
+    report.add_argument(
+        "args",
+        nargs="*",
+        metavar="CONFIG.yaml|key=value",
+        help="where the runs are logged, e.g. tracking.uri=sqlite:///mlflow.db",
+    )
+    report.add_argument("--out", help="also write report.md and the plot into this folder")
     return parser
 
 

@@ -1,0 +1,230 @@
+"""``nsa-lab report``: compare the runs of an experiment or of a sweep's parent run.
+
+Writes a markdown table (final validation loss, needle accuracy when logged, training
+tokens/s, attended tokens per query) and, when runs repeat a config over seeds, a
+summary per config; plus one plot of every run's validation-loss curve. Both go to
+stdout / ``--out`` and into MLflow: under ``report/`` of the parent run, or of a new run
+named ``report`` (tag ``sweep.kind=report``) when the target is an experiment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from nsa_lab.config import ConfigError
+from nsa_lab.sweeps.cost import AttnShape, attended_tokens_per_query
+from nsa_lab.tracking.plots import plot_loss_curves
+
+NEEDLE_METRIC = "needle/acc"
+NOT_COMPARED = ("study", "report")  # sweep.kind of runs that are not trainings
+# Params that differ between repeats of one config (seed) or only name the run.
+GROUP_IGNORED = (
+    "train.seed",
+    "tracking.run_name",
+    "tracking.experiment",
+    "tracking.uri",
+    "train.ckpt_dir",
+    "train.resume",
+)
+PLOT_NAME = "val_loss_curves.png"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    name: str
+    variant: str
+    blocks: str
+    seed: str
+    steps: int | None
+    val_loss: float | None
+    needle_acc: float | None
+    tokens_per_s: float | None
+    attended: float | None
+    state: str
+    group: tuple[tuple[str, str], ...]
+    val_curve: tuple[tuple[int, float], ...]
+
+
+def write_report(target: str, tracking_uri: str, out_dir: str | None = None) -> str:
+    """Build the report for ``target`` (experiment name or parent run id), log it to
+    MLflow, optionally write it into ``out_dir``; returns the markdown."""
+    client = MlflowClient(tracking_uri)
+    runs, parent_id, experiment_id = find_runs(client, target, tracking_uri)
+    rows = sorted((run_row(client, r) for r in runs), key=_by_val_loss)
+    markdown = render_markdown(target, rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "report.md").write_text(markdown)
+        plot_val_curves(rows, folder / PLOT_NAME)
+        run_id = parent_id or _report_run(client, experiment_id)
+        client.log_artifacts(run_id, tmp, artifact_path="report")
+        if parent_id is None:
+            client.set_terminated(run_id, status="FINISHED")
+        if out_dir:
+            _copy_atomically(folder, Path(out_dir))
+    return markdown
+
+
+def find_runs(client: MlflowClient, target: str, uri: str) -> tuple[list[Run], str | None, str]:
+    """The runs to compare, the parent run id (None for an experiment) and the experiment."""
+    if RUN_ID.match(target):
+        parent = client.get_run(target)
+        experiment_id = parent.info.experiment_id
+        runs = _search(client, experiment_id, f"tags.mlflow.parentRunId = '{target}'")
+        return runs, target, experiment_id
+    experiment = client.get_experiment_by_name(target)
+    if experiment is None:
+        raise ConfigError("report", target, f"no experiment of that name and no run id in {uri}")
+    runs = _search(client, experiment.experiment_id, "")
+    return runs, None, experiment.experiment_id
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    runs = client.search_runs([experiment_id], filter_string, max_results=5000)
+    return [r for r in runs if r.data.tags.get("sweep.kind") not in NOT_COMPARED]
+
+
+def run_row(client: MlflowClient, run: Run) -> RunRow:
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    val_history = client.get_metric_history(run.info.run_id, "val/loss")
+    speed = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
+    return RunRow(
+        run_id=run.info.run_id,
+        name=run.info.run_name or run.info.run_id[:8],
+        variant=params.get("attn.name", tags.get("variant", "?")),
+        blocks=_blocks(params),
+        seed=params.get("train.seed", "-"),
+        steps=max((m.step for m in val_history), default=None),
+        val_loss=metrics.get("val/loss"),
+        needle_acc=metrics.get(NEEDLE_METRIC),
+        tokens_per_s=statistics.median(speed) if speed else None,
+        attended=_attended(params),
+        state=tags.get("sweep.outcome", run.info.status.lower()),
+        group=tuple(sorted((k, v) for k, v in params.items() if k not in GROUP_IGNORED)),
+        val_curve=tuple((m.step, m.value) for m in val_history),
+    )
+
+
+def _blocks(params: Mapping[str, str]) -> str:
+    """``l/d/l'/n/w`` for NSA variants, ``w=..`` for a window, ``-`` for dense attention."""
+    name = params.get("attn.name", "")
+    if name == "full":
+        return "-"
+    if name == "window":
+        return f"w={params.get('attn.w', '?')}"
+    return "/".join(params.get(f"attn.{k}", "?") for k in ("l", "d", "l_sel", "n", "w"))
+
+
+def _attended(params: Mapping[str, str]) -> float | None:
+    attn = {k.removeprefix("attn."): v for k, v in params.items() if k.startswith("attn.")}
+    try:
+        shape = AttnShape.from_config(attn)
+        return attended_tokens_per_query(shape, int(params["data.seq_len"]))
+    except (KeyError, TypeError, ValueError):  # not an nsa-lab training run
+        return None
+
+
+def _by_val_loss(row: RunRow) -> tuple[bool, float]:
+    return row.val_loss is None, row.val_loss if row.val_loss is not None else 0.0
+
+
+def render_markdown(target: str, rows: Sequence[RunRow]) -> str:
+    needle = any(r.needle_acc is not None for r in rows)
+    lines = [
+        f"# Report: {target}",
+        "",
+        f"{len(rows)} runs, sorted by final validation loss (nats per token). tokens/s: "
+        "median of train/tokens_per_s; attended/query: mean keys a query attends to at "
+        "data.seq_len (nsa_lab/sweeps/cost.py); blocks: l/d/l'/n/w.",
+        "",
+    ]
+    head = ["run", "variant", "blocks", "seed", "steps", "val loss"]
+    head += ["needle acc"] * needle + ["tokens/s", "attended/query", "state"]
+    table = [head]
+    for r in rows:
+        cells = [r.name, r.variant, r.blocks, r.seed, _fmt(r.steps, "d"), _fmt(r.val_loss, ".4f")]
+        cells += [_fmt(r.needle_acc, ".3f")] * needle
+        cells += [_fmt(r.tokens_per_s, ",.0f"), _fmt(r.attended, ".1f"), r.state]
+        table.append(cells)
+    lines += _table(table)
+    summary = _summary(rows)
+    if summary:
+        lines += ["", "## Per config, over seeds", "", *_table(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def _summary(rows: Sequence[RunRow]) -> list[list[str]]:
+    """One line per config run with several seeds: mean and range of the val loss."""
+    groups: dict[tuple, list[RunRow]] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    repeated = [g for g in groups.values() if len(g) > 1]
+    if not repeated:
+        return []
+    table = [["variant", "blocks", "runs", "val loss mean", "min", "max", "tokens/s", "attended"]]
+    lines = []
+    for g in repeated:
+        losses = [r.val_loss for r in g if r.val_loss is not None]
+        speeds = [r.tokens_per_s for r in g if r.tokens_per_s is not None]
+        mean = statistics.fmean(losses) if losses else None
+        lines.append(
+            (
+                mean if mean is not None else float("inf"),
+                [
+                    g[0].variant,
+                    g[0].blocks,
+                    str(len(g)),
+                    _fmt(mean, ".4f"),
+                    _fmt(min(losses, default=None), ".4f"),
+                    _fmt(max(losses, default=None), ".4f"),
+                    _fmt(statistics.fmean(speeds) if speeds else None, ",.0f"),
+                    _fmt(g[0].attended, ".1f"),
+                ],
+            )
+        )
+    return table + [cells for _, cells in sorted(lines, key=lambda item: item[0])]
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    head, *body = rows
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def plot_val_curves(rows: Sequence[RunRow], path: Path) -> None:
+    """Every run's validation loss on one axes, labelled by variant (or blocks) and seed."""
+    one_variant = len({r.variant for r in rows}) == 1
+    curves = {}
+    for r in rows:
+        label = f"{r.blocks if one_variant else r.variant} s{r.seed}"
+        label = f"{label} ({r.name})" if label in curves else label
+        curves[label] = {"val/loss": list(r.val_curve)}
+    plot_loss_curves(curves, path)
+
+
+def _report_run(client: MlflowClient, experiment_id: str) -> str:
+    run = client.create_run(experiment_id, run_name="report", tags={"sweep.kind": "report"})
+    return run.info.run_id
+
+
+def _copy_atomically(folder: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for src in folder.iterdir():
+        tmp = out / f".{src.name}.tmp"
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, out / src.name)

@@ -1,0 +1,199 @@
+"""``nsa-lab sweep``: plan, open (or resume) the study, run the workers, wrap up.
+
+With ``workers: 1`` trials run in this process. With K > 1 this process coordinates K
+spawned worker processes that share the study through its RDB storage; each worker
+claims trials until the budget is met (see :mod:`nsa_lab.sweeps.study`). Signals:
+Ctrl-C reaches every process of the terminal's group; SIGTERM (``timeout``, a batch
+system) is forwarded to the workers; a worker whose coordinator vanished (SIGKILL)
+stops on its own. Every interrupted trial is marked failed and redone on the next run;
+finished trials are never repeated.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import optuna
+
+from nsa_lab.config import ConfigError
+from nsa_lab.sweeps.plan import SweepPlan, plan_sweep
+from nsa_lab.sweeps.spec import SweepSpec
+from nsa_lab.sweeps.study import (
+    claim_lock,
+    claim_trial,
+    default_storage,
+    make_storage,
+    open_study,
+    reap_dead_trials,
+    tally,
+)
+from nsa_lab.sweeps.tracking import SweepTracker
+from nsa_lab.sweeps.trial import run_trial
+
+MAX_REJECTED_IN_A_ROW = 200  # a sampler stuck in invalid regions stops the worker
+WORKER_GRACE_S = 60  # how long interrupted workers get to mark their trials failed
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    study_name: str
+    storage: str
+    parent_run_id: str
+    counts: dict[str, int]
+    best_trials: list[int]
+    failed_workers: list[int]
+
+
+def run_sweep(spec: SweepSpec) -> SweepResult:
+    """Run (or resume) the sweep to its budget; ConfigError before anything exists."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plan = plan_sweep(spec)
+    storage_url = spec.storage or default_storage(plan.tracking_uri)
+    tracker = SweepTracker(plan.tracking_uri, spec.experiment)
+    storage = make_storage(storage_url, on_stale=tracker.mark_lost)
+    study = open_study(spec, storage, create=True)
+    with claim_lock(storage_url, spec.study_name):
+        reap_dead_trials(study, storage, tracker.mark_lost)
+    parent_id = tracker.parent_run(study, plan)
+    _announce(plan, storage_url, study)
+    try:
+        failed = _run_workers(plan, storage_url, parent_id)
+    except KeyboardInterrupt:
+        tracker.interrupted(parent_id)
+        raise
+    best = tracker.finalize(study, spec, parent_id)
+    return SweepResult(
+        spec.study_name, storage_url, parent_id, tally(study.get_trials()), best, failed
+    )
+
+
+def _announce(plan: SweepPlan, storage_url: str, study: optuna.Study) -> None:
+    spec, counts = plan.spec, tally(study.get_trials())
+    print(
+        f"sweep {spec.study_name}: {counts['counted']}/{plan.n_trials} trials done, "
+        f"{spec.workers} worker(s), storage {storage_url}, MLflow experiment {spec.experiment}",
+        flush=True,
+    )
+    for point, why in plan.skipped:
+        print(f"sweep: grid point {point} skipped: {why}", flush=True)
+
+
+def work(plan: SweepPlan, storage_url: str, worker: int, parent_id: str) -> None:
+    """Claim and run trials until the study's budget is met."""
+    tracker = SweepTracker(plan.tracking_uri, plan.spec.experiment)
+    storage = make_storage(storage_url, on_stale=tracker.mark_lost)
+    study = open_study(plan.spec, storage, worker)
+    rejected = 0
+    while (trial := claim_trial(study, storage, plan, storage_url, tracker.mark_lost)) is not None:
+        outcome = run_trial(study, trial, plan, storage, tracker, parent_id)
+        rejected = rejected + 1 if outcome == "rejected" else 0
+        if rejected >= MAX_REJECTED_IN_A_ROW:
+            raise ConfigError(
+                "constraints",
+                plan.spec.name,
+                f"the sampler proposed {rejected} invalid trial configs in a row; "
+                "narrow the space to values that satisfy the rules",
+            )
+
+
+def _run_workers(plan: SweepPlan, storage_url: str, parent_id: str) -> list[int]:
+    """Run the workers; returns the indices of those that exited with an error."""
+    if plan.spec.workers == 1:
+        with SigtermAsInterrupt():
+            work(plan, storage_url, 0, parent_id)
+        return []
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/CUDA/DB state
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(plan, storage_url, i, parent_id, os.getpid()),
+            name=f"sweep-worker-{i}",
+        )
+        for i in range(plan.spec.workers)
+    ]
+    with SigtermAsInterrupt() as got_sigterm:
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            _stop_workers(procs, forward=got_sigterm.is_set())
+            raise
+    return [i for i, p in enumerate(procs) if p.exitcode != 0]
+
+
+def _stop_workers(procs: list[mp.Process], forward: bool) -> None:
+    """SIGTERM reached only us, so pass it on; Ctrl-C already reached everyone."""
+    if forward:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+class SigtermAsInterrupt:
+    """Turn the first SIGTERM into KeyboardInterrupt (so Lightning and the trial shut down
+    as on Ctrl-C); later ones are ignored while cleaning up. Yields an Event set on SIGTERM."""
+
+    def __enter__(self) -> threading.Event:
+        self.event = threading.Event()
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self.event
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.event.is_set():
+            return
+        self.event.set()
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _worker_main(
+    plan: SweepPlan, storage_url: str, worker: int, parent_id: str, coordinator: int
+) -> None:
+    """Entry point of a spawned worker process."""
+    _exit_with(coordinator)
+    _share_cpu_threads(plan.spec.workers)
+    try:
+        with SigtermAsInterrupt():
+            work(plan, storage_url, worker, parent_id)
+    except ConfigError as exc:
+        print(f"nsa-lab: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _exit_with(coordinator: int) -> None:
+    """If the coordinator dies (even by SIGKILL), interrupt this worker like SIGTERM would."""
+
+    def watch() -> None:
+        while os.getppid() == coordinator:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="coordinator-watch").start()
+
+
+def _share_cpu_threads(workers: int) -> None:
+    """K workers on one machine split its cores instead of each taking all of them
+    (oversubscribed CPU training slows down many times); OMP_NUM_THREADS still wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
