@@ -66,13 +66,15 @@ def make_storage(url: str, on_stale: StaleCallback | None = None) -> RDBStorage:
         if url.startswith("sqlite")
         else {"pool_pre_ping": True}
     )
-    return RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=on_stale,
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=on_stale,
+        )
 
 
 def open_study(
@@ -195,7 +197,9 @@ def claim_trial(
             if point is None:
                 return None
             study.enqueue_trial(point, user_attrs={"grid_point": grid_key(point)})
-        trial = study.ask()
+        with warnings.catch_warnings():  # ask/tell with heartbeats: ours is `Heartbeat`
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = study.ask()
         trial.set_user_attr("worker", worker_id())
         storage.record_heartbeat(trial._trial_id)
         return trial
