@@ -111,7 +111,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from nsa_lab.sweeps.report import write_report
 
     cfg = _config_from(ns)
-    print(write_report(ns.target, cfg.tracking.uri, ns.out))
+    print(write_report(ns.target, cfg.tracking.uri, ns.out), end="")
     return 0
 
 

@@ -46,7 +46,7 @@ class RunRow:
     variant: str
     blocks: str
     seed: str
-    steps: int | None
+    val_step: int | None
     val_loss: float | None
     needle_acc: float | None
     tokens_per_s: float | None
@@ -105,7 +105,7 @@ def run_row(client: MlflowClient, run: Run) -> RunRow:
         variant=params.get("attn.name", tags.get("variant", "?")),
         blocks=_blocks(params),
         seed=params.get("train.seed", "-"),
-        steps=max((m.step for m in val_history), default=None),
+        val_step=max((m.step for m in val_history), default=None),
         val_loss=metrics.get("val/loss"),
         needle_acc=metrics.get(NEEDLE_METRIC),
         tokens_per_s=statistics.median(speed) if speed else None,
@@ -149,11 +149,18 @@ def render_markdown(target: str, rows: Sequence[RunRow]) -> str:
         "data.seq_len (nsa_lab/sweeps/cost.py); blocks: l/d/l'/n/w.",
         "",
     ]
-    head = ["run", "variant", "blocks", "seed", "steps", "val loss"]
+    head = ["run", "variant", "blocks", "seed", "val step", "val loss"]
     head += ["needle acc"] * needle + ["tokens/s", "attended/query", "state"]
     table = [head]
     for r in rows:
-        cells = [r.name, r.variant, r.blocks, r.seed, _fmt(r.steps, "d"), _fmt(r.val_loss, ".4f")]
+        cells = [
+            r.name,
+            r.variant,
+            r.blocks,
+            r.seed,
+            _fmt(r.val_step, "d"),
+            _fmt(r.val_loss, ".4f"),
+        ]
         cells += [_fmt(r.needle_acc, ".3f")] * needle
         cells += [_fmt(r.tokens_per_s, ",.0f"), _fmt(r.attended, ".1f"), r.state]
         table.append(cells)
