@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nsa_lab.config import ConfigError, DataConfig
 from nsa_lab.data.corpus import DocumentSource, corpus_sources, token_stream
+from nsa_lab.data.needle import OVERHEAD_TOKENS, EpochShuffle, NeedleMix
 from nsa_lab.data.tokenizer import ByteTokenizer
 
 
@@ -87,7 +88,7 @@ class NSADataModule(LightningDataModule):
         self.seed = seed
         self.tokenizer = ByteTokenizer()
         self.train_source, self.val_source = corpus_sources(data_cfg)
-        self.train_set: PackedExamples | None = None
+        self.train_set: PackedExamples | NeedleMix | None = None
         self.val_set: PackedExamples | None = None
 
     def prepare_data(self) -> None:
@@ -110,7 +111,7 @@ class NSADataModule(LightningDataModule):
             )
         else:
             val_tokens = self._tokens(self.val_source)
-        self.train_set = self._examples(train_tokens, self.train_source)
+        self.train_set = self._with_needles(self._examples(train_tokens, self.train_source))
         self.val_set = self._examples(val_tokens, self.val_source or self.train_source)
         if len(self.train_set) < self.cfg.batch_size:
             # drop_last would leave no training batch at all, and Lightning would not say why.
@@ -134,16 +135,41 @@ class NSADataModule(LightningDataModule):
             )
         return examples
 
+    def _with_needles(self, examples: PackedExamples) -> PackedExamples | NeedleMix:
+        """The training examples, with ``data.needle_fraction`` of them retrieval samples.
+
+        Validation stays ordinary text, so validation loss stays comparable across runs.
+        """
+        if self.cfg.needle_fraction == 0:
+            return examples
+        if self.cfg.seq_len + 1 <= OVERHEAD_TOKENS:
+            raise ConfigError(
+                "data.seq_len",
+                self.cfg.seq_len,
+                f"must be >= {OVERHEAD_TOKENS} to hold a needle sample "
+                f"(data.needle_fraction={self.cfg.needle_fraction})",
+            )
+        return NeedleMix(examples, self.cfg.needle_fraction, self.seed)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled in an order fixed by ``seed``; incomplete last batch dropped."""
+        """Shuffled in an order fixed by ``seed``; incomplete last batch dropped.
+
+        With needles the order comes from :class:`EpochShuffle`, which tells the mix
+        which epoch it serves, so that each epoch draws new needles.
+        """
+        examples = self._built(self.train_set)
+        order = (
+            {"sampler": EpochShuffle(len(examples), self.seed)}
+            if isinstance(examples, NeedleMix)
+            else {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
+        )
         return DataLoader(
-            self._built(self.train_set),
+            examples,
             batch_size=self.cfg.batch_size,
-            shuffle=True,
             drop_last=True,
             num_workers=self.cfg.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=self.cfg.num_workers > 0,
+            **order,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -167,7 +193,7 @@ class NSADataModule(LightningDataModule):
         return self._built(self.val_set).n_target_tokens
 
     @staticmethod
-    def _built(examples: PackedExamples | None) -> PackedExamples:
+    def _built(examples: PackedExamples | NeedleMix | None) -> PackedExamples | NeedleMix:
         if examples is None:
             raise RuntimeError("call NSADataModule.setup() first")
         return examples

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError
 from nsa_lab.data import NSADataModule
+from nsa_lab.evaluation.callback import NeedleEvalCallback
+from nsa_lab.evaluation.loading import CHECKPOINT_TAG
 from nsa_lab.tracking.mlflow_run import finish, log_config, log_loss_curves, make_logger
 from nsa_lab.training.callbacks import (
     AtomicCheckpointIO,
@@ -55,8 +57,12 @@ def train(
     data.setup("fit")  # data errors surface before a run is created
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
 
-    logger = make_logger(cfg, run_id=_run_id_in(resume_path), tags=tags)
+    if cfg.train.eval_needle:
+        callbacks = [*callbacks, NeedleEvalCallback(cfg.train.strategy)]
     ckpt_dir = Path(cfg.train.ckpt_dir) / cfg.tracking.run_name
+    # The checkpoint tag lets `nsa-lab eval needle RUN_ID` find the weights.
+    run_tags = {CHECKPOINT_TAG: str((ckpt_dir / "last.ckpt").resolve()), **(tags or {})}
+    logger = make_logger(cfg, run_id=_run_id_in(resume_path), tags=run_tags)
     trainer = _make_trainer(cfg, logger, ckpt_dir, callbacks)
     # Only global rank 0 talks to MLflow (Lightning gives other ranks a no-op logger).
     run_id = logger.run_id if trainer.is_global_zero else None

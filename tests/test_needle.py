@@ -1,0 +1,297 @@
+"""Needle in a haystack: sample layout, disjoint needle streams, the training mix, scoring."""
+
+from __future__ import annotations
+
+import re
+import string
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nsa_lab.config import ConfigError, DataConfig
+from nsa_lab.data import NSADataModule, PackedExamples
+from nsa_lab.data.needle import (
+    ANSWER_TOKENS,
+    EVAL_STREAM,
+    OVERHEAD_TOKENS,
+    TRAIN_STREAM,
+    EpochShuffle,
+    NeedleFact,
+    NeedleMix,
+    build_sample,
+    encode,
+    key_split,
+    needle_position,
+    random_fact,
+    stream_rng,
+    training_sample,
+)
+from nsa_lab.evaluation.needle import (
+    cell_needles,
+    default_lengths,
+    evaluate_model,
+    exact_match,
+    greedy_continuation,
+    make_grid,
+    parse_depths,
+    parse_lengths,
+)
+from nsa_lab.evaluation.results import CellResult, NeedleResults, markdown_table, write_results
+
+FACT_RE = re.compile(r"The pass key of ([A-Za-z]+) is #(\d+)\.")
+QA_RE = re.compile(r"Q: the pass key of ([A-Za-z]+) is #(\d+)\.")
+CPU = torch.device("cpu")
+
+
+def letters_haystack(n: int) -> np.ndarray:
+    """Lower-case text whose every token says where it came from (no digits, no '#')."""
+    return encode((string.ascii_lowercase * (n // 26 + 1))[:n])
+
+
+def text_of(tokens: np.ndarray | torch.Tensor) -> str:
+    return bytes(int(t) for t in tokens if int(t) < 256).decode()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 0.5, 1.0])
+@pytest.mark.parametrize("length", [OVERHEAD_TOKENS + 1, 300, 1024])
+def test_sample_has_the_requested_length_and_the_needle_at_the_requested_depth(length, depth):
+    haystack = letters_haystack(2000)
+    fact = NeedleFact("Bakodi", "012345")
+    sample = build_sample(haystack, fact, depth, length)
+    h = length - OVERHEAD_TOKENS
+
+    assert len(sample.tokens) == length
+    assert sample.needle_start == round(depth * h)
+    needle = encode(fact.needle)
+    assert np.array_equal(sample.tokens[sample.needle_start :][: len(needle)], needle)
+    assert text_of(sample.tokens[sample.question_start : sample.answer_start]) == fact.question
+    assert text_of(sample.tokens[sample.answer_start :]) == "012345."
+    assert len(sample.prompt) == length - ANSWER_TOKENS
+    # Around the needle the haystack's first h tokens stay in order, none lost or repeated.
+    rest = np.concatenate(
+        [sample.tokens[: sample.needle_start], sample.tokens[sample.needle_start + len(needle) :]]
+    )
+    assert np.array_equal(rest[:h], haystack[:h])
+
+
+def test_depth_zero_and_one_are_the_ends_of_the_haystack():
+    assert needle_position(0.0, 500) == 0
+    assert needle_position(1.0, 500) == 500
+    with pytest.raises(ValueError, match="depth"):
+        needle_position(1.5, 500)
+    with pytest.raises(ValueError, match="more than"):
+        build_sample(letters_haystack(100), NeedleFact("Bakodi", "0" * 6), 0.5, OVERHEAD_TOKENS)
+
+
+def test_cell_prompts_hide_one_eval_needle_at_the_depth_in_held_out_text():
+    haystack = letters_haystack(5000)
+    prompts, facts = cell_needles(haystack, 400, 0.25, trials=6, seed=3)
+    assert prompts.shape == (6, 400 - ANSWER_TOKENS)
+    h = 400 - OVERHEAD_TOKENS
+    for row, fact in zip(prompts, facts, strict=True):
+        text = text_of(row)
+        assert text.index(fact.needle) == round(0.25 * h)
+        assert text.endswith(fact.question)
+        assert FACT_RE.findall(text) == [(fact.key, fact.value)]
+        assert key_split(fact.key) == "eval"
+    again, _ = cell_needles(haystack, 400, 0.25, trials=6, seed=3)
+    assert np.array_equal(prompts, again)  # a cell's needles depend on the seed alone
+
+
+def test_train_and_eval_needles_are_disjoint():
+    train = [random_fact(stream_rng(TRAIN_STREAM, 0, i), "train") for i in range(3000)]
+    evals = [random_fact(stream_rng(EVAL_STREAM, 0, i), "eval") for i in range(3000)]
+    assert {f.key for f in train}.isdisjoint({f.key for f in evals})
+    assert {key_split(f.key) for f in train} == {"train"}
+    assert {key_split(f.key) for f in evals} == {"eval"}
+    # The two halves of the key space are both used (the partition is not degenerate).
+    assert len({f.key for f in train}) > 2900 and len({f.key for f in evals}) > 2900
+
+
+def test_the_training_mix_only_ever_shows_training_needles():
+    base = PackedExamples(letters_haystack(40_000), 256)
+    mix = NeedleMix(base, fraction=1.0, seed=0)
+    keys = set()
+    for index in list(range(0, len(mix), 7)) + [len(mix) + 3, 5 * len(mix) + 11]:
+        inputs, targets = mix[index]
+        keys |= {key for key, _ in FACT_RE.findall(text_of(torch.cat([inputs, targets[-1:]])))}
+    assert len(keys) > 20
+    assert {key_split(k) for k in keys} == {"train"}
+
+
+def test_training_window_answers_every_question_it_asks():
+    window = letters_haystack(1025)
+    sample = training_sample(window, stream_rng(TRAIN_STREAM, 1, 2), OVERHEAD_TOKENS + 16)
+    text = text_of(sample)
+    assert len(sample) == 1025
+    facts = FACT_RE.findall(text)
+    assert facts and QA_RE.findall(text) == facts
+    # Without the inserted parts, what is left is the window's own text, in order.
+    plain = QA_RE.sub("", FACT_RE.sub("", text)).replace("\nQ: ", "").replace("\n", "")
+    assert text_of(window).startswith(plain)
+
+
+def test_mix_is_deterministic_replaces_the_fraction_and_renews_needles_each_epoch():
+    base = PackedExamples(letters_haystack(200 * 128 + 1), 128)
+    mix = NeedleMix(base, fraction=0.3, seed=5)
+    n = len(mix)
+    replaced = [not torch.equal(mix[i][0], base[i][0]) for i in range(n)]
+    assert 0.2 < np.mean(replaced) < 0.4
+    assert all(torch.equal(mix[i][0], NeedleMix(base, 0.3, 5)[i][0]) for i in range(20))
+    first = next(i for i in range(n) if replaced[i])
+    other_epochs = [mix[first + e * n][0] for e in range(1, 4)]
+    assert not any(torch.equal(mix[first][0], x) for x in other_epochs)
+    inputs, targets = mix[first]
+    assert torch.equal(inputs[1:], targets[:-1])  # still next-token pairs
+
+
+def test_epoch_shuffle_is_a_seeded_permutation_offset_by_the_epoch():
+    sampler = EpochShuffle(10, seed=1)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and first == list(EpochShuffle(10, seed=1))
+    sampler.set_epoch(2)
+    second = list(sampler)
+    assert sorted(second) == list(range(20, 30))
+    assert [i - 20 for i in second] != first
+
+
+def test_datamodule_mixes_needles_into_training_only():
+    plain = NSADataModule(DataConfig(seq_len=256, batch_size=4), seed=0)
+    mixed = NSADataModule(DataConfig(seq_len=256, batch_size=4, needle_fraction=0.5), seed=0)
+    plain.setup()
+    mixed.setup()
+    assert isinstance(mixed.train_set, NeedleMix) and isinstance(plain.train_set, PackedExamples)
+    assert torch.equal(mixed.val_set.tokens, plain.val_set.tokens)
+    assert mixed.n_train_tokens == plain.n_train_tokens
+    loader = mixed.train_dataloader()
+    assert isinstance(loader.sampler, EpochShuffle)
+    texts = [text_of(row) for row in next(iter(loader))[0]]
+    assert any(FACT_RE.search(t) for t in texts)
+
+
+def test_needles_need_room_in_the_training_window():
+    data = NSADataModule(DataConfig(seq_len=64, batch_size=4, needle_fraction=0.1), seed=0)
+    with pytest.raises(ConfigError, match="data.seq_len=64"):
+        data.setup()
+
+
+def test_exact_match_needs_the_digits_and_the_full_stop():
+    fact = NeedleFact("Bakodi", "004217")
+    assert exact_match("004217.", fact)
+    assert not exact_match("004217 ", fact)
+    assert not exact_match("04217..", fact)
+    assert not exact_match(" 004217", fact)
+    assert not exact_match("004218.", fact)
+
+
+class NextByte(nn.Module):
+    """Predicts ``last token + 1``: a model whose greedy output is known in advance."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot((idx + 1) % 257, 257).float()
+
+
+class Oracle(nn.Module):
+    """Reads the needle's value off the prompt: the answer a perfect retriever gives."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*idx.shape, 257)
+        for b, row in enumerate(idx.tolist()):
+            text = text_of(row)
+            value = FACT_RE.search(text).group(2) + "."
+            done = len(text) - text.rindex("#") - 1
+            logits[b, -1, ord(value[done])] = 1.0
+        return logits
+
+
+def test_greedy_continuation_appends_the_argmax_token_by_token():
+    prompts = torch.tensor([[10, 11], [200, 3]])
+    out = greedy_continuation(NextByte(), prompts, 3)
+    assert out.tolist() == [[12, 13, 14], [4, 5, 6]]
+
+
+def test_evaluation_scores_a_perfect_retriever_100_and_a_blind_model_0():
+    haystack = letters_haystack(3000)
+    grid = make_grid(256, 256, lengths=[128, 256], depths=[0, 0.5, 1], trials=3)
+    perfect = evaluate_model(Oracle(), haystack, grid, CPU)
+    assert [(c.length, c.depth, c.correct) for c in perfect] == [
+        (n, d, 3) for n in (128, 256) for d in (0.0, 0.5, 1.0)
+    ]
+    assert all(c.correct == 0 for c in evaluate_model(NextByte(), haystack, grid, CPU))
+
+
+def test_grid_defaults_follow_the_trained_length():
+    assert default_lengths(1024) == (256, 512, 1024)
+    assert default_lengths(128) == (128,)
+    grid = make_grid(1024, 1024)
+    assert grid.lengths == (256, 512, 1024)
+    assert grid.depths[0] == 0.0 and grid.depths[-1] == 1.0 and len(grid.depths) == 11
+    assert grid.trials == 20
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"lengths": [2048]}, "--lengths"),
+        ({"lengths": [OVERHEAD_TOKENS]}, "--lengths"),
+        ({"depths": [0.5, 1.2]}, "--depths"),
+        ({"trials": 0}, "--trials"),
+    ],
+)
+def test_bad_grid_options_are_config_errors(kwargs, key):
+    with pytest.raises(ConfigError) as info:
+        make_grid(1024, 1024, **kwargs)
+    assert info.value.key == key
+
+
+def test_grid_options_parse_and_reject_junk():
+    assert parse_lengths("256, 512,1k") == [256, 512, 1024]
+    assert parse_depths("0,0.25,1") == [0.0, 0.25, 1.0]
+    with pytest.raises(ConfigError, match="--lengths"):
+        parse_lengths("256,abc")
+    with pytest.raises(ConfigError, match="--depths"):
+        parse_depths("half")
+
+
+def test_haystack_too_short_for_the_length_is_a_config_error():
+    with pytest.raises(ConfigError, match="held-out haystack"):
+        cell_needles(letters_haystack(100), 400, 0.5, trials=2, seed=0)
+
+
+def sample_results() -> NeedleResults:
+    cells = [
+        CellResult(256, 0.0, 4, 4),
+        CellResult(256, 0.5, 4, 2),
+        CellResult(512, 0.0, 4, 1),
+        CellResult(512, 0.5, 4, 0),
+    ]
+    return NeedleResults(cells, {"variant": "nsa"})
+
+
+def test_results_give_the_agreed_metric_names_and_means():
+    metrics = sample_results().metrics()
+    assert metrics == {
+        "needle/acc": pytest.approx(7 / 16),
+        "needle/acc_len_256": 0.75,
+        "needle/acc_len_512": 0.125,
+        "needle/acc_256_0": 1.0,
+        "needle/acc_256_50": 0.5,
+        "needle/acc_512_0": 0.25,
+        "needle/acc_512_50": 0.0,
+    }
+
+
+def test_results_table_and_files(tmp_path):
+    results = sample_results()
+    table = markdown_table(results)
+    assert "| depth \\ length | 256 | 512 |" in table
+    assert "| 50% | 50 | 0 |" in table and "| **mean** | 75.0 | 12.5 |" in table
+    json_path, csv_path, png_path = write_results(results, tmp_path)
+    assert '"acc": 0.4375' in json_path.read_text()
+    assert csv_path.read_text().splitlines()[2] == "256,0.5,4,2,0.5000"
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (json_path, csv_path, png_path)
+    )
