@@ -155,7 +155,7 @@ def test_nan_trial_fails_with_reason_and_sweep_goes_on(one_thread):
     assert tags["10000.0"]["sweep.outcome"] == "nan" and tags["0.003"]["best_trial"] == "true"
 
 
-def test_killed_sweep_resumes_without_repeating_finished_trials(one_thread):
+def test_killed_sweep_resumes_without_repeating_finished_trials(one_thread, capsys):
     path = write_spec(
         one_thread,
         name="kill",
@@ -192,6 +192,8 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(one_thread):
     status = {c.info.run_id: c.info.status for c in children}
     assert status[killed.user_attrs["mlflow_run_id"]] == "FAILED"
     assert sorted(status.values()) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert main(["report", "kill", uri_in(one_thread)]) == 0  # the killed run is left out
+    assert "3 runs (1 interrupted or unfinished runs left out)" in capsys.readouterr().out
 
 
 def _wait_until_mid_second_trial(folder: Path, path: Path, proc: subprocess.Popen) -> dict:

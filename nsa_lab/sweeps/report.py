@@ -26,6 +26,7 @@ from nsa_lab.tracking.plots import plot_loss_curves
 
 NEEDLE_METRIC = "needle/acc"
 NOT_COMPARED = ("study", "report")  # sweep.kind of runs that are not trainings
+SUPERSEDED = ("interrupted", "killed")  # sweep.outcome of trials the sweep redoes
 # Params that differ between repeats of one config (seed) or only name the run.
 GROUP_IGNORED = (
     "train.seed",
@@ -61,8 +62,9 @@ def write_report(target: str, tracking_uri: str, out_dir: str | None = None) -> 
     MLflow, optionally write it into ``out_dir``; returns the markdown."""
     client = MlflowClient(tracking_uri)
     runs, parent_id, experiment_id = find_runs(client, target, tracking_uri)
-    rows = sorted((run_row(client, r) for r in runs), key=_by_val_loss)
-    markdown = render_markdown(target, rows)
+    kept = [r for r in runs if not superseded(r)]
+    rows = sorted((run_row(client, r) for r in kept), key=_by_val_loss)
+    markdown = render_markdown(target, rows, left_out=len(runs) - len(kept))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "report.md").write_text(markdown)
@@ -93,6 +95,13 @@ def find_runs(client: MlflowClient, target: str, uri: str) -> tuple[list[Run], s
 def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
     runs = client.search_runs([experiment_id], filter_string, max_results=5000)
     return [r for r in runs if r.data.tags.get("sweep.kind") not in NOT_COMPARED]
+
+
+def superseded(run: Run) -> bool:
+    """A sweep trial that was interrupted or lost its worker: the sweep redoes it, so
+    counting it too would compare one config twice. Also a run that never ended."""
+    outcome = run.data.tags.get("sweep.outcome")
+    return outcome in SUPERSEDED or (outcome is None and run.info.status != "FINISHED")
 
 
 def run_row(client: MlflowClient, run: Run) -> RunRow:
@@ -139,14 +148,15 @@ def _by_val_loss(row: RunRow) -> tuple[bool, float]:
     return row.val_loss is None, row.val_loss if row.val_loss is not None else 0.0
 
 
-def render_markdown(target: str, rows: Sequence[RunRow]) -> str:
+def render_markdown(target: str, rows: Sequence[RunRow], left_out: int = 0) -> str:
     needle = any(r.needle_acc is not None for r in rows)
+    dropped = f" ({left_out} interrupted or unfinished runs left out)" if left_out else ""
     lines = [
         f"# Report: {target}",
         "",
-        f"{len(rows)} runs, sorted by final validation loss (nats per token). tokens/s: "
-        "median of train/tokens_per_s; attended/query: mean keys a query attends to at "
-        "data.seq_len (nsa_lab/sweeps/cost.py); blocks: l/d/l'/n/w.",
+        f"{len(rows)} runs{dropped}, sorted by final validation loss (nats per token). "
+        "tokens/s: median of train/tokens_per_s; attended/query: mean keys a query attends "
+        "to at data.seq_len (nsa_lab/sweeps/cost.py); blocks: l/d/l'/n/w.",
         "",
     ]
     head = ["run", "variant", "blocks", "seed", "val step", "val loss"]

@@ -58,8 +58,8 @@ FIELDS = (
     "storage",
     "keep_checkpoints",
 )
-# Keys the sweep sets itself for every trial.
-RESERVED_KEYS = ("tracking.experiment", "tracking.run_name", "train.resume", "train.ckpt_dir")
+# Keys the sweep sets itself for every trial (checkpoints go to <train.ckpt_dir>/<study>/).
+RESERVED_KEYS = ("tracking.experiment", "tracking.run_name", "train.resume")
 # Objectives computed from the trial's config rather than read from its MLflow run.
 DERIVED_OBJECTIVES = ("attended_tokens_per_query",)
 METRIC_PREFIXES = ("val/", "train/", "needle/")

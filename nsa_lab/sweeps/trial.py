@@ -100,7 +100,9 @@ def run_trial(
                 cfg, callbacks=[reporter], tags=tracker.child_tags(spec, parent_id, trial.number)
             )
     except (KeyboardInterrupt, SystemExit):
-        _end(study, trial, params, "interrupted", "interrupted (Ctrl-C or SIGTERM)")
+        reason = "interrupted (Ctrl-C or SIGTERM); redone on the next run"
+        _tag_run(trial, tracker, "interrupted", reason, {})
+        _end(study, trial, params, "interrupted", reason)
         raise
     except Exception as exc:
         traceback.print_exc()
@@ -110,10 +112,17 @@ def run_trial(
     finally:
         if not spec.keep_checkpoints:
             _remove_checkpoints(Path(cfg.train.ckpt_dir), cfg.tracking.run_name)
+    _tag_run(trial, tracker, outcome, reason, {COST_METRIC: config_attended_tokens(cfg)})
+    return _end(study, trial, params, outcome, reason, values)
+
+
+def _tag_run(
+    trial: optuna.Trial, tracker: SweepTracker, outcome: str, reason: str, metrics: dict
+) -> None:
+    """Outcome, reason and extra metrics on the trial's child run, if training created one."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id is not None:
-        tracker.trial_ended(run_id, outcome, reason, {COST_METRIC: config_attended_tokens(cfg)})
-    return _end(study, trial, params, outcome, reason, values)
+        tracker.trial_ended(run_id, outcome, reason, metrics)
 
 
 def _remove_checkpoints(study_dir: Path, run_name: str) -> None:
