@@ -7,7 +7,7 @@
 # Usage (device tool, carry [".whl"]):   bash scripts/ablation_evidence.sh
 # Knobs (environment):
 #   WORKERS=2               sweep worker processes sharing the GPU
-#   SWEEP_BUDGET_S=420      the sweep is stopped (SIGTERM) after this; the report then
+#   SWEEP_BUDGET_S=400      the sweep is stopped (SIGTERM) after this; the report then
 #                           covers the finished trials and says which ones are missing
 #   ABLATION_OVERRIDES=...  extra key=value overrides for every trial
 #   SKIP_INSTALL=1 PYTHON=.venv/bin/python   use an installed nsa-lab, e.g. a CPU dry run:
@@ -22,7 +22,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 workers=${WORKERS:-2}
-budget=${SWEEP_BUDGET_S:-420}
+budget=${SWEEP_BUDGET_S:-400}
 extra=${ABLATION_OVERRIDES:-}
 start=$(date +%s)
 
