@@ -155,6 +155,23 @@ def test_nan_trial_fails_with_reason_and_sweep_goes_on(one_thread):
     assert tags["10000.0"]["sweep.outcome"] == "nan" and tags["0.003"]["best_trial"] == "true"
 
 
+def test_crashed_trial_fails_with_reason_and_sweep_goes_on(one_thread):
+    text = one_thread / "corpus.txt"
+    text.write_text("Sparse attention reads a few blocks of keys per query. " * 400)
+    missing = one_thread / "missing.txt"
+    path = write_spec(
+        one_thread,
+        name="crash",
+        fixed={**TINY, "data.source": "text"},
+        space={"data.path": [str(missing), str(text)]},
+    )
+    assert main(["sweep", str(path), uri_in(one_thread)]) == 0
+    crashed, fine = study_of(one_thread, path, uri_in(one_thread)).get_trials()
+    assert crashed.state == TrialState.FAIL and crashed.user_attrs["outcome"] == "crashed"
+    assert "missing.txt" in crashed.user_attrs["reason"]
+    assert fine.state == TrialState.COMPLETE and fine.params["data.path"] == str(text)
+
+
 def test_killed_sweep_resumes_without_repeating_finished_trials(one_thread, capsys):
     path = write_spec(
         one_thread,

@@ -12,6 +12,7 @@ from nsa_lab.config import ConfigError, load_config
 from nsa_lab.sweeps.constraints import context_rules, parse_constraint
 from nsa_lab.sweeps.plan import plan_sweep, trial_config
 from nsa_lab.sweeps.spec import config_keys, load_spec
+from nsa_lab.sweeps.study import make_storage, open_study
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -162,3 +163,13 @@ def test_context_rules_reject_window_and_blocks_beyond_context(tmp_path):
     with pytest.raises(ConfigError, match="selected blocks must fit"):
         trial_config(spec, {"attn.n": 5})  # 5 * 16 > 64
     assert trial_config(spec, {"attn.w": 64}).attn.w == 64
+
+
+def test_resuming_with_a_changed_spec_is_refused(tmp_path):
+    storage = make_storage(f"sqlite:///{tmp_path}/optuna.db")
+    first = load_spec(write_spec(tmp_path, space={"attn.w": [16, 32]}))
+    open_study(first, storage, create=True)
+    open_study(load_spec(write_spec(tmp_path, space={"attn.w": [16, 32]})), storage, create=True)
+    changed = load_spec(write_spec(tmp_path, space={"attn.w": [16, 48]}))
+    with pytest.raises(ConfigError, match="differs from the one study 't' was started with"):
+        open_study(changed, storage, create=True)
