@@ -91,3 +91,5 @@ def test_report_of_parent_run_and_of_experiment(workdir: Path, capsys):
 def test_report_of_unknown_target_is_a_clear_error(workdir: Path, capsys):
     assert main(["report", "no-such-experiment", uri_in(workdir)]) == 2
     assert "no-such-experiment" in capsys.readouterr().err
+    assert main(["report", "0" * 32, uri_in(workdir)]) == 2
+    assert "no run with this id" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from nsa_lab.config import ConfigError
@@ -81,7 +82,10 @@ def write_report(target: str, tracking_uri: str, out_dir: str | None = None) -> 
 def find_runs(client: MlflowClient, target: str, uri: str) -> tuple[list[Run], str | None, str]:
     """The runs to compare, the parent run id (None for an experiment) and the experiment."""
     if RUN_ID.match(target):
-        parent = client.get_run(target)
+        try:
+            parent = client.get_run(target)
+        except MlflowException:
+            raise ConfigError("report", target, f"no run with this id in {uri}") from None
         experiment_id = parent.info.experiment_id
         runs = _search(client, experiment_id, f"tags.mlflow.parentRunId = '{target}'")
         return runs, target, experiment_id
