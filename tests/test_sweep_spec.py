@@ -89,6 +89,7 @@ def test_grid_drops_invalid_points_and_trains_only_valid(tmp_path):
         ({"colour": "red"}, "unknown sweep spec field"),
         ({"fixed": {"train.nope": 3}}, "train.nope"),
         ({"space": {"tracking.run_name": ["a", "b"]}}, "set by the sweep"),
+        ({"space": {"tracking.uri": ["sqlite:///a.db", "sqlite:///b.db"]}}, "use fixed"),
         ({"space": {"attn.n": {"low": 5, "high": 3}}}, "low must be <= high"),
         ({"space": {"attn.n": {"low": 3, "hihg": 5}}}, "unknown field"),
         ({"space": {"attn.l": {"choices": []}}}, "non-empty list"),

@@ -291,6 +291,8 @@ def _space(value: Any) -> tuple[ParamSpec, ...]:
     params = []
     for key, raw in flatten_keys(value, _is_param).items():
         _check_key("space", key)
+        if key.startswith("tracking."):
+            raise ConfigError("space", key, "tracking.* is the same for every trial; use fixed")
         params.append(parse_param(key, raw))
     return tuple(params)
 
