@@ -50,6 +50,7 @@ report=("$py" -m nsa_lab report ablations "$uri" --out "$out")
   "$py" -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: none"
   echo "sweep command: timeout $budget ${sweep[*]}"
   echo "report command: ${report[*]}"
+  echo "stores (MLflow, Optuna): $store"
 } | tee "$out/run.txt"
 
 timeout "$budget" "${sweep[@]}" > "$out/sweep.log" 2>&1

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+from cycler import cycler
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -228,14 +230,21 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def plot_val_curves(rows: Sequence[RunRow], path: Path) -> None:
-    """Every run's validation loss on one axes, labelled by variant (or blocks) and seed."""
+    """Every run's validation loss on one axes, labelled by variant (or blocks) and seed.
+
+    Curves go in (config, seed) order through matplotlib's paired ``tab20`` colours, so
+    the seeds of one config share a hue (dark, light) and 14 ablation runs stay distinct.
+    """
     one_variant = len({r.variant for r in rows}) == 1
     curves = {}
-    for r in rows:
-        label = f"{r.blocks if one_variant else r.variant} s{r.seed}"
+    for r in sorted(rows, key=lambda r: (r.variant, r.blocks, r.seed)):
+        name = r.blocks if one_variant and r.blocks != "-" else r.variant
+        label = f"{name} s{r.seed}"
         label = f"{label} ({r.name})" if label in curves else label
         curves[label] = {"val/loss": list(r.val_curve)}
-    plot_loss_curves(curves, path)
+    paired = cycler(color=matplotlib.colormaps["tab20"].colors)
+    with matplotlib.rc_context({"axes.prop_cycle": paired}):
+        plot_loss_curves(curves, path)
 
 
 def _report_run(client: MlflowClient, experiment_id: str) -> str:
