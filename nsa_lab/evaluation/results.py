@@ -82,6 +82,16 @@ class NeedleResults:
         out.update({f"needle/acc_{c.length}_{depth_percent(c.depth)}": c.acc for c in self.cells})
         return out
 
+    @classmethod
+    def from_json(cls, text: str) -> NeedleResults:
+        """Read back what :meth:`to_json` wrote (e.g. a downloaded artifact)."""
+        data = json.loads(text)
+        cells = [
+            CellResult(c["length"], c["depth"], c["trials"], c["correct"]) for c in data["cells"]
+        ]
+        derived = {"acc", "acc_by_length", "cells"}
+        return cls(cells, {k: v for k, v in data.items() if k not in derived})
+
     def to_json(self) -> str:
         return json.dumps(
             {
