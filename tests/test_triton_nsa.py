@@ -19,7 +19,8 @@ from nsa_lab.attention import build_attention  # noqa: E402
 from nsa_lab.attention.rope import rope_tables  # noqa: E402
 from nsa_lab.config import load_config  # noqa: E402
 from nsa_lab.kernels.nsa.naive import nsa_reference  # noqa: E402
-from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams  # noqa: E402
+from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams, combine_branches  # noqa: E402
+from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton  # noqa: E402
 from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +72,28 @@ def test_triton_nsa_matches_the_reference(branches, t_len, h, g, dk, dv):
             continue
         assert a is not None, f"no gradient for {name}"
         assert rel_err(a, b) < TOL or b.abs().max() == 0, name
+
+
+@pytest.mark.parametrize("branches", SUBSETS[2:5], ids=["+".join(s) for s in SUBSETS[2:5]])
+def test_gated_sum_kernel_matches_combine_branches(branches):
+    """The fused gate kernel on its own: strided gates, a ragged row count, head dim 24."""
+    torch.manual_seed(len(branches))
+    outputs = {
+        name: torch.randn(2, 7, 3, 24, device=DEVICE, requires_grad=True) for name in branches
+    }
+    wide = torch.randn(2, 7, 3, len(branches) + 2, device=DEVICE, requires_grad=True)
+    gates = wide[..., 1 : 1 + len(branches)]
+    out = gated_sum_triton(outputs, gates, branches)
+    ref = combine_branches(outputs, gates, branches)
+    assert out.dtype == ref.dtype and rel_err(out, ref) < 1e-6
+    grad = torch.randn_like(ref)
+    leaves = [wide, *outputs.values()]
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(ref, leaves, grad)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-6
+    with pytest.raises(ValueError, match="columns"):
+        gated_sum_triton(outputs, wide, branches)
 
 
 def _tensors(inputs: dict) -> dict:

@@ -90,12 +90,14 @@ def run_branches(
     v_slc: torch.Tensor | None,
     k_win: torch.Tensor | None,
     v_win: torch.Tensor | None,
+    combine: Callable[..., torch.Tensor] = combine_branches,
 ) -> torch.Tensor:
     """The branch wiring a fast implementation plugs its ops into.
 
     ``compression(q, kc, vc) -> (o, lse)`` runs first, because its log-sum-exp scores
     the selection: ``selection(q, kc, lse, k, v)`` gets ``lse=None`` when cmp is off and
-    computes it itself. ``window(q, k, v)``. Outputs are mixed by the gates.
+    computes it itself. ``window(q, k, v)``. Outputs are mixed by the gates, through
+    ``combine(outputs, gates, branches)`` (a fused kernel may replace the default).
     """
     outputs: dict[str, torch.Tensor] = {}
     lse = None
@@ -105,4 +107,4 @@ def run_branches(
         outputs["slc"] = selection(q, kc, lse, k_slc, v_slc)
     if "win" in params.branches:
         outputs["win"] = window(q, k_win, v_win)
-    return combine_branches(outputs, gates, params.branches)
+    return combine(outputs, gates, params.branches)

@@ -3,8 +3,9 @@
 - cmp: :func:`range_attention` over the compressed blocks (block ``i`` ends at ``i*d + l - 1``);
 - slc: the score + top-n kernels pick blocks from the cmp log-sum-exp, then the
   group-centric selection kernel attends them;
-- win: :func:`range_attention` over raw positions with a window of ``w``.
-Gate mixing and ``phi`` stay in PyTorch (elementwise / small MLP work).
+- win: :func:`range_attention` over raw positions with a window of ``w``;
+- the gated sum of the branch outputs: :func:`gated_sum_triton`, one fused kernel.
+``phi`` (a small MLP over the blocks) stays in PyTorch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from nsa_lab.kernels.nsa.spec import NSAParams, run_branches, softmax_scale
+from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton
 from nsa_lab.kernels.nsa.triton_range_attention import range_attention
 from nsa_lab.kernels.nsa.triton_selection import select_blocks_triton, selection_attention_triton
 
@@ -102,4 +104,5 @@ def nsa_attention_triton(
         v_slc=v_slc,
         k_win=k_win,
         v_win=v_win,
+        combine=gated_sum_triton,
     )

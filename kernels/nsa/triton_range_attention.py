@@ -22,8 +22,9 @@ scale folded into ``log2(e)``):
   log-sum-exp ``lse``;
 - dQ, grid ``(query tiles, B*H)``: also writes ``delta = rowsum(o * do)``, the one
   per-row term the dK/dV kernel needs, so no separate preprocessing launch;
-- dK/dV, grid ``(key tiles, B*G)``: walks every head of the group and the query range
-  that sees the tile, so a group's ``dk, dv`` accumulate in registers (no atomics).
+- dK/dV, grid ``(key tiles, B*G, head chunks)``: walks its heads of the group and the
+  query range that sees the tile, so ``dk, dv`` accumulate in registers and leave by
+  one float32 atomic add per element (head chunks exist only when key tiles are few).
 
 Nothing of size ``T x S`` is ever materialised. A query that sees no key gets ``o = 0``
 and ``lse = -inf``; its gradients are 0 (never NaN).
@@ -32,7 +33,6 @@ and ``lse = -inf``; its gradients are 0 (never NaN).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,6 +42,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from nsa_lab.kernels.nsa.spec import heads_per_group
+from nsa_lab.kernels.nsa.triton_tuning import autotune_configs
 
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
@@ -57,16 +58,19 @@ _FWD_TILES = [(128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
 _DQ_TILES = [(64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)]
 _DKDV_TILES = [(64, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)]
 _INTERPRETER_TILE = (16, 32, 4, 1)
+# dK/dV programs that keep every SM of a large GPU busy (H100: 132 SMs, ~1 program each
+# at these tile sizes, several waves to even out the uneven work).
+DKDV_BUSY_PROGRAMS = 1024
+
+
+def _tile_config(tile: tuple[int, int, int, int]) -> tuple[dict[str, int], int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` as an autotune candidate."""
+    block_m, block_n, warps, stages = tile
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages
 
 
 def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotune candidates; a single one under the interpreter, which then skips tuning."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        tiles = [_INTERPRETER_TILE]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in tiles
-    ]
+    return autotune_configs([_tile_config(t) for t in tiles], _tile_config(_INTERPRETER_TILE))
 
 
 # Tuned per head dims and branch (key_stride is 1 for the window, d for compression);
@@ -176,6 +180,14 @@ def _store_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols)
 
 
 @triton.jit
+def _add_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols):
+    """Atomically add a ``[rows, cols]`` float32 tile into ``base`` (other programs add theirs)."""
+    ptrs = base + rows[:, None] * row_stride + cols[None, :] * col_stride
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _load_lse_log2(base, rows, row_stride, n_rows):
     """``lse * log2(e)`` of a query tile, the offset that turns log2 scores into probabilities.
 
@@ -212,6 +224,7 @@ def _fwd_tiles(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Online-softmax update of ``(acc, m_i, l_i)`` over key tiles ``[tile_start, tile_end)``.
 
@@ -224,7 +237,7 @@ def _fwd_tiles(
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_ks, offs_dk, stride_kd, S, D_K, MASKED)
         v = _load_rows(v_base, offs_n, stride_vs, offs_dv, stride_vd, S, D_V, MASKED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             key_ends = _key_ends(offs_n, S, key_stride, key_offset)
             seen = _visible(offs_m[:, None], key_ends[None, :], window)
@@ -236,7 +249,7 @@ def _fwd_tiles(
         p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -280,6 +293,7 @@ def _fwd_kernel(
     D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -333,6 +347,7 @@ def _fwd_kernel(
             BLOCK_DV,
             BLOCK_N,
             segment != 1,
+            PRECISION,
         )
     # l_i > 0 iff the row saw a key (its maximum contributes exp2(0) = 1).
     seen_any = l_i > 0.0
@@ -369,6 +384,7 @@ def _dq_tiles(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """``dq += dS @ K`` over key tiles ``[tile_start, tile_end)`` (``dS`` without the scale)."""
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -377,13 +393,15 @@ def _dq_tiles(
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_ks, offs_dk, stride_kd, S, D_K, MASKED)
         v = _load_rows(v_base, offs_n, stride_vs, offs_dv, stride_vd, S, D_V, MASKED)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        p = tl.math.exp2(
+            tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None]
+        )
         if MASKED:
             key_ends = _key_ends(offs_n, S, key_stride, key_offset)
             seen = _visible(offs_m[:, None], key_ends[None, :], window)
             p = tl.where(seen, p, 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
@@ -437,6 +455,7 @@ def _dq_kernel(
     D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -499,6 +518,7 @@ def _dq_kernel(
             BLOCK_DV,
             BLOCK_N,
             segment != 1,
+            PRECISION,
         )
     _store_rows(
         DQ + b * stride_dqb + h * stride_dqh,
@@ -539,6 +559,7 @@ def _dkdv_tiles(
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """``dv += P^T @ dO`` and ``dk += dS^T @ Q`` over query tiles ``[tile_start, tile_end)``.
 
@@ -554,17 +575,19 @@ def _dkdv_tiles(
         do = _load_rows(do_base, offs_m, stride_dot, offs_dv, stride_dod, T, D_V, MASKED)
         lse2 = _load_lse_log2(lse_base, offs_m, stride_lt, T)
         delta = tl.load(delta_base + offs_m * stride_lt, mask=offs_m < T, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+        p_t = tl.math.exp2(
+            tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :]
+        )
         if MASKED:
             seen = _visible(offs_m[None, :], key_ends[:, None], window)
             p_t = tl.where(seen, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_TILES), key=_TUNING_KEY)
+@triton.autotune(configs=_configs(_DKDV_TILES), key=_TUNING_KEY, reset_to_zero=["DK", "DV"])
 @triton.jit
 def _dkdv_kernel(
     Q,
@@ -614,18 +637,25 @@ def _dkdv_kernel(
     D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``dk, dv`` of one key tile and kv group, summed over the group's ``HPG`` heads.
+    """``dk, dv`` of one key tile and kv group, summed over a share of the group's heads.
 
-    Program 0 holds the first key tile, which the most queries see (compression): the
-    heaviest programs start first.
+    Axis 2 of the grid splits the ``HPG`` heads into chunks: with few key tiles
+    (compression: ``T / d`` keys) one program per (tile, group) would leave most of the
+    GPU idle while each walks every query of every head. The chunks' partial sums meet
+    in the float32 ``DK``/``DV`` by atomic adds. Program 0 holds the first key tile,
+    which the most queries see (compression): the heaviest programs start first.
     """
     tile = tl.program_id(0)
     n_groups = H // HPG
     b = (tl.program_id(1) // n_groups).to(tl.int64)
     g = tl.program_id(1) % n_groups
+    heads_per_chunk = tl.cdiv(HPG, tl.num_programs(2))
+    first_head = tl.program_id(2) * heads_per_chunk
+    last_head = tl.minimum(first_head + heads_per_chunk, HPG)
     qk_scale = scale * _LOG2E
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -643,7 +673,7 @@ def _dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for i in range(HPG):
+    for i in range(first_head, last_head):
         h = g * HPG + i
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
@@ -677,8 +707,9 @@ def _dkdv_kernel(
                 BLOCK_DV,
                 BLOCK_M,
                 segment != 1,
+                PRECISION,
             )
-    _store_rows(
+    _add_rows(
         DK + b * stride_dkb + g * stride_dkg,
         dk * scale,
         offs_n,
@@ -688,7 +719,7 @@ def _dkdv_kernel(
         S,
         D_K,
     )
-    _store_rows(
+    _add_rows(
         DV + b * stride_dvb + g * stride_dvg, dv, offs_n, stride_dvs, offs_dv, stride_dvd, S, D_V
     )
 
@@ -729,20 +760,39 @@ def _scalars(q: torch.Tensor, k: torch.Tensor, keys: _Keys, scale: float) -> lis
     ]
 
 
-def _dims(q: torch.Tensor, v: torch.Tensor) -> dict[str, int]:
-    """Head dims and their power-of-two register widths (at least 16, for ``tl.dot``)."""
+def _dims(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | str]:
+    """Head dims, their power-of-two register widths (at least 16, for ``tl.dot``) and the
+    dot precision: float32 inputs (tests, references) get true fp32 products, not tf32,
+    whose rounding would leave e.g. ``do.v - delta`` visibly non-zero where it must cancel.
+    """
     d_k, d_v = q.shape[-1], v.shape[-1]
     return {
         "D_K": d_k,
         "D_V": d_v,
         "BLOCK_DK": max(16, triton.next_power_of_2(d_k)),
         "BLOCK_DV": max(16, triton.next_power_of_2(d_v)),
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
 
 def _grid(length: int, block: str, programs: int) -> Callable[[dict], tuple[int, int]]:
     """Launch grid: tiles of ``length`` along axis 0 (tile size from the chosen config)."""
     return lambda meta: (triton.cdiv(length, meta[block]), programs)
+
+
+def _dkdv_grid(n_keys: int, programs: int, hpg: int) -> Callable[[dict], tuple[int, int, int]]:
+    """dK/dV grid: key tiles x (batch, group) x head chunks, split until the GPU is busy.
+
+    Compression at 64k with ``d=16`` has only ~64 key tiles per group; without the split
+    a few hundred programs would each walk every query of 16 heads.
+    """
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        tiles = triton.cdiv(n_keys, meta["BLOCK_N"])
+        chunks = min(hpg, triton.cdiv(DKDV_BUSY_PROGRAMS, tiles * programs))
+        return tiles, programs, triton.cdiv(hpg, triton.cdiv(hpg, chunks))
+
+    return grid
 
 
 def _nothing_to_attend(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -791,8 +841,8 @@ def _backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     b, t_len, n_heads, _ = q.shape
     dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # atomic-add targets
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     delta = _empty(lse.shape, torch.float32, q.device)  # same strides as lse: both contiguous
     scalars, dims = _scalars(q, k, keys, scale), _dims(q, v)
     _dq_kernel[_grid(t_len, "BLOCK_M", b * n_heads)](
@@ -814,7 +864,7 @@ def _backward(
         *scalars,
         **dims,
     )
-    _dkdv_kernel[_grid(k.shape[1], "BLOCK_N", b * k.shape[2])](
+    _dkdv_kernel[_dkdv_grid(k.shape[1], b * k.shape[2], heads_per_group(q, k))](
         q,
         k,
         v,
@@ -833,7 +883,7 @@ def _backward(
         *scalars,
         **dims,
     )
-    return dq, dk, dv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RangeAttention(torch.autograd.Function):

@@ -31,15 +31,24 @@ import triton
 import triton.language as tl
 
 from nsa_lab.kernels.nsa.spec import heads_per_group, softmax_scale
+from nsa_lab.kernels.nsa.triton_tuning import autotune_configs
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 _LOG2E_K = tl.constexpr(LOG2E)  # the same, readable inside kernels
 
-# Score kernel: rows (query, head) x compressed blocks held per tile, bounding registers.
-SCORE_TILE_ELEMENTS = 8192
-SCORE_MAX_ROWS = 128
-# Selection blocks per score tile (the N of the overlap dot, so at least 16).
+# Score kernel: selection blocks per step (the N of the overlap dot, so at least 16). A
+# step covers SCORE_SEL_BLOCKS * l_sel / d compressed blocks.
 SCORE_SEL_BLOCKS = 16
+# Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU, and the one the
+# interpreter runs. Selection attention is bound by reading 2 * n * l_sel K/V rows per
+# (query, group) from L2: the candidates vary how many loads are in flight.
+_SCORE_CONFIGS = autotune_configs(
+    [({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2), ({"BLOCK_M": 64}, 8, 2)],
+    interpreter=({"BLOCK_M": 16}, 4, 1),
+)
+_ATTENTION_CONFIGS = autotune_configs(
+    [({}, 4, 2), ({}, 4, 3), ({}, 8, 2), ({}, 2, 3)], interpreter=({}, 4, 1)
+)
 # Top-n kernel: scores held per program (rows x padded Nsel).
 TOP_N_TILE_ELEMENTS = 4096
 # dK/dV kernel: (query, head) rows per inner step, and queries per program. Block 0 is
@@ -131,23 +140,17 @@ def _score_chunk(
     if n_cmp == 0:  # no compressed block exists: every probability, hence every score, is 0
         scores.zero_()
         return
-    hpg = heads_per_group(q, kc)
-    cmp_per_tile = SCORE_SEL_BLOCKS * (l_sel // d)
-    block_c = triton.next_power_of_2(cmp_per_tile)
-    heads_pow2 = triton.next_power_of_2(hpg)
-    tile_rows = max(16, min(SCORE_MAX_ROWS, SCORE_TILE_ELEMENTS // block_c), heads_pow2)
-    block_t = tile_rows // heads_pow2
-    grid = (triton.cdiv(rows, block_t), b * n_groups)
-    _score_kernel[grid](
+    block_c = triton.next_power_of_2(SCORE_SEL_BLOCKS * (l_sel // d))
+    _score_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), b * n_groups)](
         q, kc, lse, scores,
-        t_start, rows, n_cmp, n_sel, n_groups, hpg, q.shape[3], scale,
+        t_start, rows, n_cmp, n_sel, n_groups, heads_per_group(q, kc), q.shape[3], scale,
         *q.stride(), *kc.stride(), *lse.stride(), *scores.stride(),
-        L=l, D=d, L_SEL=l_sel, HPP=heads_pow2, BLOCK_T=block_t,
-        BLOCK_DK=_dim_block(q.shape[3]), BLOCK_S=SCORE_SEL_BLOCKS, BLOCK_C=block_c,
-        num_warps=8 if tile_rows * block_c >= 8192 else 4,
+        L=l, D=d, L_SEL=l_sel, BLOCK_DK=_dim_block(q.shape[3]),
+        BLOCK_S=SCORE_SEL_BLOCKS, BLOCK_C=block_c,
     )  # fmt: skip
 
 
+@triton.autotune(configs=_SCORE_CONFIGS, key=["hpg", "dk"])
 @triton.jit
 def _score_kernel(
     q_ptr, kc_ptr, lse_ptr, out_ptr,
@@ -156,68 +159,61 @@ def _score_kernel(
     stride_kb, stride_kn, stride_kg, stride_kd,
     stride_lb, stride_lt, stride_lh,
     stride_ob, stride_og, stride_ot, stride_oj,
-    L: tl.constexpr, D: tl.constexpr, L_SEL: tl.constexpr, HPP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    L: tl.constexpr, D: tl.constexpr, L_SEL: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Scores of ``BLOCK_T`` queries x one kv group, ``BLOCK_S`` selection blocks per step.
+    """Scores of ``BLOCK_M`` queries x one kv group, ``BLOCK_S`` selection blocks per step.
 
-    Rows are (query, head) pairs, query-major, so the group's heads share every ``kc``
-    tile. Step ``s`` covers selection blocks ``[s*BLOCK_S, (s+1)*BLOCK_S)`` and the
-    compressed blocks whose first segment lies in them; since ``l <= l_sel`` such a block
-    overlaps at most one block further, the first one of step ``s+1``, which it reaches
-    through ``carry``. The head sum happens once per step, on the mapped scores (the
-    overlap map is linear).
+    Per step, one ``kc`` tile serves every head of the group: the heads' probabilities
+    are summed into one ``[BLOCK_M, BLOCK_C]`` tile first, so the overlap mapping (a
+    ``tl.dot`` with an on-the-fly overlap-count matrix, linear, hence after the head
+    sum) runs once per step instead of once per head. Step ``s`` covers selection blocks
+    ``[s*BLOCK_S, (s+1)*BLOCK_S)`` and the compressed blocks whose first segment lies in
+    them; since ``l <= l_sel`` such a block overlaps at most one block further, the first
+    one of step ``s+1``, which it reaches through ``carry``.
     """
     SEG_CMP: tl.constexpr = L // D  # segments per compressed block
     SEG_SEL: tl.constexpr = L_SEL // D  # segments per selection block
     CMP_PER_STEP: tl.constexpr = BLOCK_S * SEG_SEL
-    ROWS: tl.constexpr = BLOCK_T * HPP
     pid_bg = tl.program_id(1)
     b = (pid_bg // n_groups).to(tl.int64)
     g = pid_bg % n_groups
-    row = tl.arange(0, ROWS)
-    local = tl.program_id(0) * BLOCK_T + row // HPP
-    head = row % HPP
-    row_ok = (local < n_rows) & (head < hpg)
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < n_rows
     t = t_start + local
-    t_off = t.to(tl.int64)
-    q_head = g * hpg + head
-    q = _load_rows(
-        q_ptr, b * stride_qb + t_off * stride_qt + q_head * stride_qh, row_ok, dk, stride_qd,
-        BLOCK_DK,
-    )  # fmt: skip
-    lse_off = b * stride_lb + t_off * stride_lt + q_head * stride_lh
-    lse = tl.load(lse_ptr + lse_off, mask=row_ok, other=0.0)
-    last = tl.minimum(t_start + (tl.program_id(0) + 1) * BLOCK_T, t_start + n_rows) - 1
+    q_rows = b * stride_qb + t.to(tl.int64) * stride_qt
+    lse_rows = b * stride_lb + t.to(tl.int64) * stride_lt
+    last = tl.minimum(t_start + (tl.program_id(0) + 1) * BLOCK_M, t_start + n_rows) - 1
     n_steps = (last // L_SEL) // BLOCK_S + 1
     c_off = tl.arange(0, BLOCK_C)
     s_off = tl.arange(0, BLOCK_S)
-    carry = tl.zeros((ROWS, BLOCK_S), dtype=tl.float32)
+    carry = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
     for step in range(n_steps):
         cmp = step * CMP_PER_STEP + c_off
         cmp_ok = (c_off < CMP_PER_STEP) & (cmp < n_cmp)
         kc_off = b * stride_kb + cmp.to(tl.int64) * stride_kn + g * stride_kg
         kc = _load_rows(kc_ptr, kc_off, cmp_ok, dk, stride_kd, BLOCK_DK)
-        logits = tl.dot(q, tl.trans(kc))
-        visible = (cmp * D + L - 1)[None, :] <= t[:, None]
-        keep = visible & cmp_ok[None, :] & row_ok[:, None]
-        # Masked before exp2: lse of a row that sees no block may be -inf or huge.
-        p = tl.exp2(tl.where(keep, logits * scale - lse[:, None], -float("inf")) * _LOG2E_K)
+        keep = ((cmp * D + L - 1)[None, :] <= t[:, None]) & cmp_ok[None, :] & row_ok[:, None]
+        p = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for head in range(g * hpg, (g + 1) * hpg):
+            q = _load_rows(q_ptr, q_rows + head * stride_qh, row_ok, dk, stride_qd, BLOCK_DK)
+            lse = tl.load(lse_ptr + lse_rows + head * stride_lh, mask=row_ok, other=0.0)
+            logits = tl.dot(q, tl.trans(kc))
+            # Masked before exp2: lse of a row that sees no block may be -inf or huge.
+            p += tl.exp2(tl.where(keep, logits * scale - lse[:, None], -float("inf")) * _LOG2E_K)
         # Shared segments of cmp block i ([i, i + SEG_CMP)) and sel block j.
         sel = step * BLOCK_S + s_off
         lo = tl.maximum(cmp[:, None], (sel * SEG_SEL)[None, :])
         hi = tl.minimum(cmp[:, None] + SEG_CMP, ((sel + 1) * SEG_SEL)[None, :])
         overlap = tl.maximum(hi - lo, 0).to(tl.float32)
-        acc = carry + tl.dot(p, overlap, input_precision="tf32x3")
+        score = carry + tl.dot(p, overlap, input_precision="tf32x3")
         spill = tl.maximum(cmp + SEG_CMP - (step + 1) * CMP_PER_STEP, 0).to(tl.float32)
         carry = tl.where(s_off[None, :] == 0, tl.sum(p * spill[None, :], axis=1)[:, None], 0.0)
-        score = tl.sum(tl.reshape(acc, (BLOCK_T, HPP, BLOCK_S)), axis=1)
-        out_local = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         tl.store(
-            out_ptr + b * stride_ob + g * stride_og + out_local.to(tl.int64)[:, None] * stride_ot
+            out_ptr + b * stride_ob + g * stride_og + local.to(tl.int64)[:, None] * stride_ot
             + sel[None, :] * stride_oj,
             score,
-            mask=(out_local < n_rows)[:, None] & (sel < n_sel)[None, :],
+            mask=row_ok[:, None] & (sel < n_sel)[None, :],
         )  # fmt: skip
 
 
@@ -305,7 +301,7 @@ class _SelectionAttention(torch.autograd.Function):
             q, k, v, indices, o, lse,
             *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(), *lse.stride(),
             n_groups, h // n_groups, indices.shape[3], dk, dv, scale * LOG2E,
-            **meta, num_warps=4, num_stages=2,
+            **meta,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, indices, o, lse)
         ctx.l_sel, ctx.scale = l_sel, scale
@@ -326,7 +322,7 @@ class _SelectionAttention(torch.autograd.Function):
             *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(),
             *do.stride(), *lse.stride(), *dq.stride(),
             n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
-            **meta, num_warps=4, num_stages=2,
+            **meta,
         )  # fmt: skip
         dk_acc = torch.zeros(b, t_len, n_groups, dk, dtype=torch.float32, device=q.device)
         dv_acc = torch.zeros(b, t_len, n_groups, dv, dtype=torch.float32, device=q.device)
@@ -340,7 +336,6 @@ class _SelectionAttention(torch.autograd.Function):
                 t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
                 L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
                 BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
-                num_warps=4, num_stages=2,
             )  # fmt: skip
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None
 
@@ -442,6 +437,7 @@ def _load_block(
     return k, v, key_ok, pos
 
 
+@triton.autotune(configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"])
 @triton.jit
 def _selection_fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
@@ -496,6 +492,7 @@ def _selection_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + t * stride_lt + q_head * stride_lh, lse, mask=row_ok)
 
 
+@triton.autotune(configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"])
 @triton.jit
 def _selection_dq_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
@@ -551,6 +548,9 @@ def _selection_dq_kernel(
     _store_rows(dq_ptr, dq_rows, row_ok, dq * scale, dk, stride_dqd, BLOCK_DK)
 
 
+@triton.autotune(
+    configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"], reset_to_zero=["dk_ptr", "dv_ptr"]
+)
 @triton.jit
 def _selection_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, items_ptr, pos_ptr,
