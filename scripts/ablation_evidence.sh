@@ -27,7 +27,7 @@ extra=${ABLATION_OVERRIDES:-}
 start=$(date +%s)
 
 if [[ -z ${SKIP_INSTALL:-} ]]; then
-  python3 -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets 2>&1 | grep -v "^WARNING" | tail -3
+  python3 -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets matplotlib 2>&1 | grep -v "^WARNING" | tail -3
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 fi
 installed=$(date +%s)

@@ -8,7 +8,7 @@ shift || true
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets 2>&1 | grep -v "^WARNING" | tail -3
+python3 -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets matplotlib 2>&1 | grep -v "^WARNING" | tail -3
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

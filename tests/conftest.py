@@ -12,6 +12,9 @@ import torch
 # imports triton (lightning and torch may), since Triton reads it once.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one tile per kernel: tests at many small shapes compile each kernel once
+# per shape instead of once per autotune candidate.
+os.environ.setdefault("NSA_LAB_AUTOTUNE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

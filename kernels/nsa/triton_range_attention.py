@@ -56,7 +56,15 @@ _FAR = tl.constexpr(2**30)
 # slow, and small tiles exercise more tile boundaries in tiny tests.
 _FWD_TILES = [(128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
 _DQ_TILES = [(64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)]
-_DKDV_TILES = [(64, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)]
+_DKDV_TILES = [
+    (64, 32, 8, 2),
+    (32, 64, 8, 2),
+    (128, 32, 8, 2),
+    (64, 64, 8, 2),
+    (64, 64, 4, 2),
+    (32, 64, 4, 3),
+    (64, 128, 8, 2),
+]
 _INTERPRETER_TILE = (16, 32, 4, 1)
 # dK/dV programs that keep every SM of a large GPU busy (H100: 132 SMs, ~1 program each
 # at these tile sizes, several waves to even out the uneven work).
