@@ -5,8 +5,8 @@ A *needle* is a random fact, "the pass key of <key> is <value>", hidden in a
 opening up to the value, so that the value is the continuation to produce.
 In bytes, a sample of ``length`` tokens is the concatenation of::
 
-    haystack[:p]   "\\nThe pass key of Rotupa is 482913.\\n"   (the needle)
-    haystack[p:h]  "\\nQ: the pass key of Rotupa is "           (the question)
+    haystack[:p]   "\\nThe pass key of Rotupa is #482913.\\n"  (the needle)
+    haystack[p:h]  "\\nQ: the pass key of Rotupa is #"          (the question)
                    "482913."                                   (the answer)
 
 ``h = length - overhead`` is the haystack's share and ``p = round(depth * h)``,
