@@ -364,7 +364,9 @@ def _queries_by_block(
     Returns ``positions`` (int32, the query positions grouped by bucket ``(b*G + g)*Nsel +
     j``, ascending within a bucket) and ``items [pieces, 3]`` (int64 ``bucket, start,
     end`` into ``positions``), each bucket's list cut into pieces of at most
-    ``max_queries``. One host sync: the number of pieces sizes the grid.
+    ``max_queries``. ``pieces`` is an upper bound known on the host (every full piece
+    plus one partial piece per bucket), so nothing waits for the GPU: items past the real
+    pieces are empty (``start == end``) and their programs do nothing.
     """
     b, t_len, n_groups, n = indices.shape
     n_buckets = b * n_groups * n_sel
@@ -378,13 +380,14 @@ def _queries_by_block(
     counts = torch.bincount(bucket, minlength=n_buckets + 1)[:n_buckets]
     ends = counts.cumsum(0)
     pieces = (counts + max_queries - 1) // max_queries
-    n_pieces = int(pieces.sum())
-    owner = torch.repeat_interleave(
-        torch.arange(n_buckets, device=device), pieces, output_size=n_pieces
-    )
-    rank = torch.arange(n_pieces, device=device) - (pieces.cumsum(0) - pieces)[owner]
+    piece_ends = pieces.cumsum(0)
+    bound = indices.numel() // max_queries + n_buckets
+    piece = torch.arange(bound, device=device)
+    owner = torch.searchsorted(piece_ends, piece, right=True).clamp_max(n_buckets - 1)
+    rank = piece - (piece_ends - pieces)[owner]
     starts = (ends - counts)[owner] + rank * max_queries
     stops = torch.minimum(starts + max_queries, ends[owner])
+    starts = torch.minimum(starts, stops)  # pieces past the last real one: empty
     return torch.stack([owner, starts, stops], dim=1).contiguous(), positions
 
 
@@ -581,8 +584,10 @@ def _selection_dkdv_kernel(
     g = bucket // n_sel % n_groups
     k_cols, dk_ok = _columns(k_ptr + b * stride_kb + g * stride_kg, dk, stride_kd, BLOCK_DK)
     v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
+    # An empty piece (past the real ones) loads no key and adds nothing: every key masked.
+    last = tl.where(stop > start, t_len - 1, -1)
     k, v, key_ok, key_pos = _load_block(
-        k_cols, v_cols, dk_ok, dv_ok, block, t_len - 1, stride_kt, stride_vt, L_SEL, BLOCK_L
+        k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
     )
     QUERIES: tl.constexpr = ROWS // HPP
     row = tl.arange(0, ROWS)
