@@ -21,6 +21,8 @@
 #   NEEDLE_EVAL_LIMIT   seconds one evaluation may take before it is stopped (default 120)
 #   NEEDLE_OVERRIDES    extra key=value overrides for the three trainings (e.g. a CPU dry run)
 #   NEEDLE_EVAL         extra options for `nsa-lab eval needle` (default: its defaults)
+#   NSA_LAB_AUTOTUNE    the evaluations run with 0 (first Triton candidate only) unless set;
+#                       set it to 0 for the trainings too if compiling eats their budget
 #   NEEDLE_SKIP_INSTALL 1 to use the environment as it is; PYTHON picks the interpreter
 #   NEEDLE_WORK         scratch folder (default /tmp/needle_work, emptied first)
 # CPU dry run (about 1 minute on 2 cores; docs/needle.md):
@@ -48,7 +50,7 @@ log="$work/needle_evidence.log"
 say() { echo "$*" | tee -a "$log"; }
 
 if [[ ${NEEDLE_SKIP_INSTALL:-0} != 1 ]]; then
-  $py -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets 2>&1 | grep -v "^WARNING" | tail -3
+  $py -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets matplotlib 2>&1 | grep -v "^WARNING" | tail -3
   $py -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 fi
 {
@@ -58,6 +60,7 @@ fi
   echo "- $($py -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo 'triton: none')"
   echo "- training: experiments/needle_<variant>.yaml ${overrides[*]}, limit ${limit}s each"
   echo "- evaluation: nsa-lab eval needle CHECKPOINT ${eval_opts[*]}"
+  echo "- NSA_LAB_AUTOTUNE: trainings ${NSA_LAB_AUTOTUNE:-unset (all candidates)}, evaluations ${NSA_LAB_AUTOTUNE:-0}"
 } | tee "$work/environment.md" | tee -a "$log"
 
 # Rewrites $OUT/needle_summary.md from what results/ holds so far, and copies the heatmaps.
@@ -145,8 +148,11 @@ for i in "${!variants[@]}"; do
     continue
   fi
   say "== $variant: evaluating $ckpt"
-  timeout -k 10 "$eval_limit" $py -m nsa_lab eval needle "$ckpt" --out "$work/results/$variant" \
-    "${eval_opts[@]}" >"$work/results/$variant.table.md" 2>"$work/eval_$variant.log"
+  # One autotune candidate per kernel: the evaluation is a few hundred forward passes at
+  # prompt lengths the training never compiled for, so compiling matters more than tiles.
+  NSA_LAB_AUTOTUNE=${NSA_LAB_AUTOTUNE:-0} timeout -k 10 "$eval_limit" \
+    $py -m nsa_lab eval needle "$ckpt" --out "$work/results/$variant" "${eval_opts[@]}" \
+    >"$work/results/$variant.table.md" 2>"$work/eval_$variant.log"
   status=$?
   say "$variant: eval exit $status after $(($(date +%s) - t1))s"
   if ((status == 0)); then
