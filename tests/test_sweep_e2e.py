@@ -12,15 +12,17 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from nsa_lab.cli import main
 from nsa_lab.config import ConfigError
+from nsa_lab.sweeps import study as study_module
 from nsa_lab.sweeps.plan import trial_config
 from nsa_lab.sweeps.spec import load_spec
-from nsa_lab.sweeps.study import tally
+from nsa_lab.sweeps.study import make_storage, tally
 from tests.test_sweep_spec import REPO, write_spec
 
 SMOKE_SPEC = REPO / "sweeps" / "smoke.yaml"
@@ -221,7 +223,8 @@ def _wait_until_mid_second_trial(folder: Path, path: Path, proc: subprocess.Pope
         assert proc.poll() is None, (folder / "first.log").read_text()[-3000:]
         trials = []
         if (folder / "optuna.db").exists():
-            with contextlib.suppress(KeyError):  # the study is not created yet
+            # The study may not exist yet, or its database be mid-creation by the sweep.
+            with contextlib.suppress(KeyError, sqlalchemy.exc.SQLAlchemyError):
                 trials = study_of(folder, path, uri_in(folder)).get_trials()
         done = {
             t.number: t.user_attrs["mlflow_run_id"]
@@ -236,3 +239,19 @@ def _wait_until_mid_second_trial(folder: Path, path: Path, proc: subprocess.Pope
             return done
         time.sleep(0.2)
     raise AssertionError("the sweep never reached its second trial")
+
+
+def test_storage_opens_after_losing_the_schema_race(tmp_path: Path, monkeypatch) -> None:
+    """Two processes creating one new database: the loser's integrity error is retried."""
+    real, calls = study_module._rdb_storage, []
+
+    def lose_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            real(*args, **kwargs)  # the "other process" creates the schema...
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "_rdb_storage", lose_once)
+    storage = make_storage(f"sqlite:///{tmp_path}/optuna.db")
+    assert len(calls) == 2 and storage.get_all_studies() == []

@@ -27,11 +27,13 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -44,6 +46,7 @@ COUNTED = ("complete", "pruned", "crashed", "nan", "no_metric")
 HEARTBEAT_S = 10  # how often a running trial says it is alive
 GRACE_S = 60  # silence after which another machine's trial counts as dead
 SQLITE_TIMEOUT_S = 60  # wait this long for a busy SQLite file (several local workers)
+STORAGE_OPEN_ATTEMPTS = 5  # opening a new database races with other processes creating it
 FINGERPRINT_ATTR = "spec_fingerprint"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
@@ -61,11 +64,27 @@ def default_storage(tracking_uri: str) -> str:
 
 
 def make_storage(url: str, on_stale: StaleCallback | None = None) -> RDBStorage:
+    """The study's storage, created (schema included) if it does not exist yet.
+
+    Processes that open a new database at the same moment (workers on several GPUs or
+    machines started together, or a monitor polling the file) race to write its schema
+    version; the loser gets an integrity error although the schema is then complete, so
+    it simply opens the database again.
+    """
     engine_kwargs = (
         {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
         if url.startswith("sqlite")
         else {"pool_pre_ping": True}
     )
+    for attempt in range(1, STORAGE_OPEN_ATTEMPTS):
+        try:
+            return _rdb_storage(url, engine_kwargs, on_stale)
+        except sqlalchemy.exc.IntegrityError:
+            time.sleep(0.2 * attempt)
+    return _rdb_storage(url, engine_kwargs, on_stale)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, on_stale: StaleCallback | None) -> RDBStorage:
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(
