@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from nsa_lab.cli import main
 from nsa_lab.evaluation import needle as needle_eval
 from tests.conftest import SMOKE
+from tests.test_train_e2e import only_run
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +33,6 @@ def needle_args(workdir: Path, *extra: str) -> list[str]:
     ]
 
 
-def the_run(workdir: Path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    assert len(runs) == 1
-    return client, runs[0]
-
-
 def needle_artifacts(client: MlflowClient, run_id: str) -> set[str]:
     return {Path(a.path).name for a in client.list_artifacts(run_id, "needle")}
 
@@ -46,7 +40,7 @@ def needle_artifacts(client: MlflowClient, run_id: str) -> set[str]:
 def test_train_evaluates_needles_then_the_cli_reevaluates_the_run(workdir: Path, capsys):
     assert main(["train", *needle_args(workdir)]) == 0
     assert "needle retrieval:" in capsys.readouterr().out
-    client, run = the_run(workdir)
+    client, run = only_run(workdir)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
@@ -88,7 +82,7 @@ def test_bad_eval_input_exits_2_before_any_work(workdir: Path, capsys, monkeypat
     assert (
         main(["train", *needle_args(workdir, "train.max_steps=2", "train.eval_needle=false")]) == 0
     )
-    client, run = the_run(workdir)
+    client, run = only_run(workdir)
     uri = ["--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
     monkeypatch.setattr(needle_eval, "evaluate_model", lambda *a: pytest.fail("work started"))
     cases = [
@@ -112,6 +106,6 @@ def test_a_failing_needle_eval_marks_the_run_failed(workdir: Path, monkeypatch):
     monkeypatch.setattr(needle_eval, "evaluate_model", broken)
     with pytest.raises(RuntimeError, match="eval broke"):
         main(["train", *needle_args(workdir, "train.max_steps=2")])
-    client, run = the_run(workdir)
+    client, run = only_run(workdir)
     assert run.info.status == "FAILED"
     assert needle_artifacts(client, run.info.run_id) == set()

@@ -9,7 +9,6 @@ that a newer run reusing the name is never mistaken for the one asked about.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError, TrackingConfig
+from nsa_lab.tracking.mlflow_run import RUN_ID
 from nsa_lab.training.module import LanguageModel
 
 CHECKPOINT_TAG = "checkpoint"
 DEFAULT_TRACKING_URI = TrackingConfig.uri
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def load_run(ref: str, tracking_uri: str | None = None) -> LoadedRun:
         ckpt = _read_checkpoint(path, "RUN")
         uri = tracking_uri or ckpt["hyper_parameters"]["config"]["tracking"]["uri"]
         return _loaded(ckpt, path, ckpt.get("mlflow_run_id"), uri)
-    if not _RUN_ID.match(ref):
+    if not RUN_ID.match(ref):
         raise ConfigError("RUN", ref, "is neither a checkpoint file nor an MLflow run id")
     uri = tracking_uri or DEFAULT_TRACKING_URI
     path = checkpoint_of_run(ref, uri)

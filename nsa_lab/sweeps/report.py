@@ -10,7 +10,6 @@ named ``report`` (tag ``sweep.kind=report``) when the target is an experiment.
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from nsa_lab.config import ConfigError
 from nsa_lab.sweeps.cost import AttnShape, attended_tokens_per_query
+from nsa_lab.tracking.mlflow_run import RUN_ID
 from nsa_lab.tracking.plots import plot_loss_curves
 
 NEEDLE_METRIC = "needle/acc"
@@ -40,7 +40,6 @@ GROUP_IGNORED = (
     "train.resume",
 )
 PLOT_NAME = "val_loss_curves.png"
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -13,6 +14,9 @@ from omegaconf import DictConfig
 
 from nsa_lab.config import flatten, to_yaml
 from nsa_lab.tracking.plots import plot_loss_curves
+
+# What an MLflow run id looks like: lets the CLI tell a run id from a path or a name.
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def git_commit() -> str:
