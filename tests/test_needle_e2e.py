@@ -10,8 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from nsa_lab.cli import main
 from nsa_lab.evaluation import needle as needle_eval
-from tests.conftest import SMOKE
-from tests.test_train_e2e import only_run
+from tests.test_train_e2e import only_run, smoke_args
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +19,15 @@ NEEDLE_FILES = {"needle_results.json", "needle_results.csv", "needle_heatmap.png
 
 def needle_args(workdir: Path, *extra: str) -> list[str]:
     """The smoke budget at 128 tokens (room for a needle), half the windows retrieval samples."""
-    return [
-        str(SMOKE),
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"train.ckpt_dir={workdir / 'ckpt'}",
+    return smoke_args(
+        workdir,
         "tracking.run_name=needle",
         "model.max_seq_len=128",
         "data.seq_len=128",
         "data.needle_fraction=0.5",
         "train.eval_needle=true",
         *extra,
-    ]
+    )
 
 
 def needle_artifacts(client: MlflowClient, run_id: str) -> set[str]:

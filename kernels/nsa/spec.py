@@ -66,12 +66,17 @@ def heads_per_group(q: torch.Tensor, k: torch.Tensor) -> int:
     return n_heads // n_groups
 
 
+def check_gates(gates: torch.Tensor, branches: tuple[str, ...]) -> None:
+    """Gate column ``c`` belongs to ``branches[c]``: one column per branch, no more."""
+    if gates.shape[-1] != len(branches):
+        raise ValueError(f"gates have {gates.shape[-1]} columns for branches {branches}")
+
+
 def combine_branches(
     outputs: Mapping[str, torch.Tensor], gates: torch.Tensor, branches: tuple[str, ...]
 ) -> torch.Tensor:
     """``o = sum_c g_c * o_c``: gate column ``c`` belongs to ``branches[c]``."""
-    if gates.shape[-1] != len(branches):
-        raise ValueError(f"gates have {gates.shape[-1]} columns for branches {branches}")
+    check_gates(gates, branches)
     terms = (gates[..., c, None] * outputs[name] for c, name in enumerate(branches))
     return sum(terms)
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_lab.kernels.nsa.spec import check_gates
+
 MAX_BRANCHES = 3
 # Elements (rows x padded head dim) per program.
 TILE_ELEMENTS = 4096
@@ -30,8 +32,9 @@ def gated_sum_triton(
     ``outputs`` ``[B,T,H,Dv]`` (one dtype), ``gates [B,T,H,C]``; the result has the
     dtype PyTorch's own products would have.
     """
-    if gates.shape[-1] != len(branches) or not 1 <= len(branches) <= MAX_BRANCHES:
-        raise ValueError(f"gates have {gates.shape[-1]} columns for branches {branches}")
+    check_gates(gates, branches)
+    if not 1 <= len(branches) <= MAX_BRANCHES:
+        raise ValueError(f"the kernel mixes 1 to {MAX_BRANCHES} branches, not {branches}")
     return _GatedSum.apply(gates, *(outputs[name] for name in branches))
 
 
