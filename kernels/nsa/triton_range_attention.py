@@ -181,17 +181,22 @@ def _load_rows(base, rows, row_stride, cols, col_stride, n_rows, n_cols, CHECK_R
 
 
 @triton.jit
-def _store_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols):
+def _tile_ptrs(base, rows, row_stride, cols, col_stride, n_rows, n_cols):
+    """Pointers of a ``[rows, cols]`` tile and the mask of its in-bounds elements."""
     ptrs = base + rows[:, None] * row_stride + cols[None, :] * col_stride
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return ptrs, (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+
+
+@triton.jit
+def _store_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols):
+    ptrs, mask = _tile_ptrs(base, rows, row_stride, cols, col_stride, n_rows, n_cols)
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _add_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols):
     """Atomically add a ``[rows, cols]`` float32 tile into ``base`` (other programs add theirs)."""
-    ptrs = base + rows[:, None] * row_stride + cols[None, :] * col_stride
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    ptrs, mask = _tile_ptrs(base, rows, row_stride, cols, col_stride, n_rows, n_cols)
     tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
 
 
