@@ -83,6 +83,10 @@ class DataConfig:
     num_workers: int = 0
     # Share of training sequences replaced by synthetic needle-retrieval samples.
     needle_fraction: float = 0.0
+    # Context-length curriculum: the first curriculum_steps steps (rounded up to whole
+    # epochs) train on rows of curriculum_seq_len tokens, the same tokens cut shorter.
+    curriculum_seq_len: int = 0  # 0: off; else it must divide seq_len
+    curriculum_steps: int = 0
 
 
 @dataclass
@@ -275,6 +279,34 @@ def _validate_data(dc: DictConfig, m: DictConfig) -> None:
         "data.needle_fraction",
         dc.needle_fraction,
         "must lie in [0, 1]",
+    )
+    _validate_curriculum(dc)
+
+
+def _validate_curriculum(dc: DictConfig) -> None:
+    _require(
+        dc.curriculum_seq_len >= 0, "data.curriculum_seq_len", dc.curriculum_seq_len, "must be >= 0"
+    )
+    _require(dc.curriculum_steps >= 0, "data.curriculum_steps", dc.curriculum_steps, "must be >= 0")
+    if dc.curriculum_seq_len == 0:
+        _require(
+            dc.curriculum_steps == 0,
+            "data.curriculum_steps",
+            dc.curriculum_steps,
+            "needs data.curriculum_seq_len > 0 (the short context length)",
+        )
+        return
+    _require(
+        dc.curriculum_seq_len < dc.seq_len and dc.seq_len % dc.curriculum_seq_len == 0,
+        "data.curriculum_seq_len",
+        dc.curriculum_seq_len,
+        f"must be shorter than data.seq_len={dc.seq_len} and divide it",
+    )
+    _require(
+        dc.curriculum_steps > 0,
+        "data.curriculum_steps",
+        dc.curriculum_steps,
+        f"must be > 0 with data.curriculum_seq_len={dc.curriculum_seq_len}",
     )
 
 

@@ -5,8 +5,9 @@
 #
 # $OUT gets needle_summary.md (environment, one row per variant, the per-variant tables),
 # needle_heatmap_{full,nsa,window}.png, needle_evidence.log and needle_evidence.tar.gz
-# (results/, every log, mlflow.db). The summary and heatmaps are rewritten after every
-# variant, so a call killed at its limit still returns the variants done by then.
+# (results/, every log, one MLflow store per variant: mlflow_<variant>.db). The summary and
+# heatmaps are rewritten after every variant, so a call killed at its limit still returns
+# the variants done by then.
 # Exit code: 0 when all three variants were evaluated, 1 otherwise.
 #
 # Environment (all optional):
@@ -23,6 +24,9 @@
 #   NEEDLE_EVAL         extra options for `nsa-lab eval needle` (default: its defaults)
 #   NSA_LAB_AUTOTUNE    the evaluations run with 0 (first Triton candidate only) unless set;
 #                       set it to 0 for the trainings too if compiling eats their budget
+#   NEEDLE_PARALLEL     1 to train the three variants side by side on the one GPU, each for
+#                       NEEDLE_TRAIN_LIMIT seconds (or until NEEDLE_DEADLINE minus one
+#                       NEEDLE_EVAL_RESERVE), then evaluate them side by side
 #   NEEDLE_SKIP_INSTALL 1 to use the environment as it is; PYTHON picks the interpreter
 #   NEEDLE_WORK         scratch folder (default /tmp/needle_work, emptied first)
 # CPU dry run (about 1 minute on 2 cores; docs/needle.md):
@@ -115,54 +119,76 @@ EOF
   done
 }
 
-uri="sqlite:///$work/mlflow.db"
-evaluated=0
-for i in "${!variants[@]}"; do
-  variant=${variants[$i]}
-  run="needle-$variant"
-  left=$((${#variants[@]} - i))
-  share=$(((deadline - ($(date +%s) - start) - left * eval_reserve) / left))
-  budget=$((share < limit ? share : limit))
-  if ((share < 20)); then
-    say "$variant: skipped, ${share}s left for its training (NEEDLE_DEADLINE=${deadline}s)"
-    echo "skipped 0 $share" >"$work/results/$variant.train"
-    continue
-  fi
+# Trains one variant for at most $2 seconds, then records exit code, seconds and limit.
+train_variant() {
+  local variant=$1 budget=$2 t0 status
   say "== $variant: training (limit ${budget}s)"
   t0=$(date +%s)
-  # Evaluation runs below, on whichever checkpoint the training leaves, so that a training
+  # Evaluation runs afterwards, on whichever checkpoint the training leaves, so that a training
   # cut by the time limit is still measured; it is the same code as train.eval_needle.
   # SIGTERM rather than SIGINT: Lightning stops at the next step boundary, whereas a
   # KeyboardInterrupt can land inside an MLflow SQLite write and leave the store locked.
+  # Each variant has its own store, so that trainings running side by side never wait on a lock.
   timeout -k 30 "$budget" $py -m nsa_lab train "experiments/needle_$variant.yaml" \
-    "tracking.uri=$uri" "train.ckpt_dir=$work/ckpt" "tracking.run_name=$run" \
-    train.eval_needle=false "${overrides[@]}" >"$work/train_$variant.log" 2>&1
+    "tracking.uri=sqlite:///$work/mlflow_$variant.db" "train.ckpt_dir=$work/ckpt" \
+    "tracking.run_name=needle-$variant" train.eval_needle=false "${overrides[@]}" \
+    >"$work/train_$variant.log" 2>&1
   status=$?
-  t1=$(date +%s)
-  echo "$status $((t1 - t0)) $budget" >"$work/results/$variant.train"
-  say "$variant: training exit $status after $((t1 - t0))s; $(grep -E '^run ' "$work/train_$variant.log" || echo 'no final line (cut or failed)')"
-  ckpt=$(ls -t "$work/ckpt/$run"/*.ckpt 2>/dev/null | head -1)
+  echo "$status $(($(date +%s) - t0)) $budget" >"$work/results/$variant.train"
+  say "$variant: training exit $status after $(($(date +%s) - t0))s; $(grep -E '^run ' "$work/train_$variant.log" || echo 'no final line (cut or failed)')"
+}
+
+# Evaluates the newest checkpoint a variant's training left.
+eval_variant() {
+  local variant=$1 t0 ckpt status
+  ckpt=$(ls -t "$work/ckpt/needle-$variant"/*.ckpt 2>/dev/null | head -1)
   if [[ -z $ckpt ]]; then
     say "$variant: no checkpoint; last lines of its log:"; tail -20 "$work/train_$variant.log" | tee -a "$log"
-    summarise
-    continue
+    return
   fi
   say "== $variant: evaluating $ckpt"
+  t0=$(date +%s)
   # One autotune candidate per kernel: the evaluation is a few hundred forward passes at
   # prompt lengths the training never compiled for, so compiling matters more than tiles.
   NSA_LAB_AUTOTUNE=${NSA_LAB_AUTOTUNE:-0} timeout -k 10 "$eval_limit" \
     $py -m nsa_lab eval needle "$ckpt" --out "$work/results/$variant" "${eval_opts[@]}" \
     >"$work/results/$variant.table.md" 2>"$work/eval_$variant.log"
   status=$?
-  say "$variant: eval exit $status after $(($(date +%s) - t1))s"
+  say "$variant: eval exit $status after $(($(date +%s) - t0))s"
   if ((status == 0)); then
-    evaluated=$((evaluated + 1))
     tee -a "$log" <"$work/results/$variant.table.md"
   else
     tail -20 "$work/eval_$variant.log" | tee -a "$log"
   fi
+}
+
+if [[ ${NEEDLE_PARALLEL:-0} == 1 ]]; then
+  # All trainings at once on the one GPU (small models leave most of it idle), then all
+  # evaluations at once; one evaluation reserve is kept for the evaluations together.
+  left=$((deadline - ($(date +%s) - start) - eval_reserve))
+  budget=$((left < limit ? left : limit))
+  for variant in "${variants[@]}"; do train_variant "$variant" "$budget" & done
+  wait
+  for variant in "${variants[@]}"; do eval_variant "$variant" & done
+  wait
   summarise
-done
+else
+  for i in "${!variants[@]}"; do
+    variant=${variants[$i]}
+    left=$((${#variants[@]} - i))
+    share=$(((deadline - ($(date +%s) - start) - left * eval_reserve) / left))
+    budget=$((share < limit ? share : limit))
+    if ((share < 20)); then
+      say "$variant: skipped, ${share}s left for its training (NEEDLE_DEADLINE=${deadline}s)"
+      echo "skipped 0 $share" >"$work/results/$variant.train"
+      continue
+    fi
+    train_variant "$variant" "$budget"
+    eval_variant "$variant"
+    summarise
+  done
+fi
+evaluated=$(ls "$work"/results/*/needle_results.json 2>/dev/null | wc -l)
 
 say "== summary: $evaluated of ${#variants[@]} variants evaluated, $(($(date +%s) - start))s since the start"
 summarise
@@ -170,7 +196,7 @@ tee -a "$log" <"$out/needle_summary.md"
 cp "$log" "$out/"
 cd "$work" || exit 1
 kept=(results environment.md ./*.log)
-[[ -f mlflow.db ]] && kept+=(mlflow.db)
+kept+=(mlflow_*.db)
 tar -czf "$out/needle_evidence.tar.gz" "${kept[@]}"
 ls -la "$out"
 ((evaluated == ${#variants[@]}))

@@ -76,6 +76,13 @@ INVALID = [
     (["attn.impl=cuda"], "attn.impl='cuda'", "must be one of"),
     (["data.seq_len=4096"], "data.seq_len=4096", "must be <= model.max_seq_len"),
     (["attn.w=0"], "attn.w=0", "must be >= 1"),
+    (
+        ["data.curriculum_seq_len=96", "data.curriculum_steps=10"],
+        "data.curriculum_seq_len=96",
+        "must be shorter than data.seq_len=256 and divide it",
+    ),
+    (["data.curriculum_seq_len=64"], "data.curriculum_steps=0", "must be > 0"),
+    (["data.curriculum_steps=10"], "data.curriculum_steps=10", "needs data.curriculum_seq_len"),
 ]
 
 

@@ -12,14 +12,14 @@ from torch import nn
 
 from nsa_lab.config import ConfigError, DataConfig
 from nsa_lab.data import NSADataModule, PackedExamples
+from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
 from nsa_lab.data.needle import (
     ANSWER_TOKENS,
     EVAL_STREAM,
     OVERHEAD_TOKENS,
     TRAIN_STREAM,
-    EpochShuffle,
     NeedleFact,
-    NeedleMix,
+    answer_mask,
     build_sample,
     encode,
     key_split,
@@ -112,7 +112,7 @@ def test_train_and_eval_needles_are_disjoint():
 
 def test_the_training_mix_only_ever_shows_training_needles():
     base = PackedExamples(letters_haystack(40_000), 256)
-    mix = NeedleMix(base, fraction=1.0, seed=0)
+    mix = TrainingMix(base, needle_fraction=1.0, seed=0)
     keys = set()
     for index in list(range(0, len(mix), 7)) + [len(mix) + 3, 5 * len(mix) + 11]:
         inputs, targets = mix[index]
@@ -135,16 +135,62 @@ def test_training_window_answers_every_question_it_asks():
 
 def test_mix_is_deterministic_replaces_the_fraction_and_renews_needles_each_epoch():
     base = PackedExamples(letters_haystack(200 * 128 + 1), 128)
-    mix = NeedleMix(base, fraction=0.3, seed=5)
+    mix = TrainingMix(base, needle_fraction=0.3, seed=5)
     n = len(mix)
     replaced = [not torch.equal(mix[i][0], base[i][0]) for i in range(n)]
     assert 0.2 < np.mean(replaced) < 0.4
-    assert all(torch.equal(mix[i][0], NeedleMix(base, 0.3, 5)[i][0]) for i in range(20))
+    assert all(torch.equal(mix[i][0], TrainingMix(base, 0.3, 5)[i][0]) for i in range(20))
     first = next(i for i in range(n) if replaced[i])
     other_epochs = [mix[first + e * n][0] for e in range(1, 4)]
     assert not any(torch.equal(mix[first][0], x) for x in other_epochs)
     inputs, targets = mix[first]
     assert torch.equal(inputs[1:], targets[:-1])  # still next-token pairs
+
+
+def test_answer_mask_marks_exactly_the_targets_that_are_answers():
+    window = letters_haystack(1025)
+    sample = torch.from_numpy(training_sample(window, stream_rng(TRAIN_STREAM, 3, 4), 90))
+    inputs, targets = sample[:-1].view(1, -1), sample[1:].view(1, -1)
+    mask = answer_mask(inputs)
+    answers = "".join(value + "." for _, value in QA_RE.findall(text_of(sample)))
+    assert answers and text_of(targets[mask]) == answers
+    # A question cut off before its answer starts marks nothing past the row's end.
+    question_end = int(mask[0].nonzero()[0])
+    assert not answer_mask(inputs[:, : question_end - 1]).any()
+    assert answer_mask(inputs[:, : question_end + 1]).sum() == 1
+
+
+def test_curriculum_serves_short_rows_then_whole_windows():
+    base = PackedExamples(letters_haystack(40 * 512 + 1), 512)
+    mix = TrainingMix(base, needle_fraction=1.0, seed=2, short_len=128, short_epochs=2)
+    n = len(mix)
+    for epoch, shape in [(0, (4, 128)), (1, (4, 128)), (2, (512,)), (5, (512,))]:
+        inputs, targets = mix[epoch * n + 7]
+        assert inputs.shape == targets.shape == shape
+        assert torch.equal(inputs[..., 1:], targets[..., :-1])
+    # Each short row is a sample of its own: its questions are about its own needles.
+    inputs, targets = mix[3]
+    for row_in, row_tg in zip(inputs, targets, strict=True):
+        text = text_of(torch.cat([row_in, row_tg[-1:]]))
+        assert FACT_RE.findall(text) and QA_RE.findall(text) == FACT_RE.findall(text)
+    # Without needles the rows are the window's own tokens, cut.
+    plain = TrainingMix(base, needle_fraction=0.0, seed=2, short_len=128, short_epochs=1)
+    inputs, targets = plain[5]
+    assert torch.equal(inputs.flatten(), base[5][0]) and torch.equal(targets.flatten(), base[5][1])
+
+
+@pytest.mark.parametrize(
+    ("steps", "n", "batch", "world", "epochs"),
+    [
+        (0, 100, 4, 1, 0),
+        (25, 100, 4, 1, 1),
+        (26, 100, 4, 1, 2),
+        (25, 100, 4, 2, 3),
+        (5, 3, 4, 1, 5),
+    ],
+)
+def test_curriculum_lasts_the_whole_epochs_that_cover_its_steps(steps, n, batch, world, epochs):
+    assert curriculum_epochs(steps, n, batch, world) == epochs
 
 
 def test_epoch_shuffle_is_a_seeded_permutation_offset_by_the_epoch():
@@ -162,7 +208,7 @@ def test_datamodule_mixes_needles_into_training_only():
     mixed = NSADataModule(DataConfig(seq_len=256, batch_size=4, needle_fraction=0.5), seed=0)
     plain.setup()
     mixed.setup()
-    assert isinstance(mixed.train_set, NeedleMix) and isinstance(plain.train_set, PackedExamples)
+    assert isinstance(mixed.train_set, TrainingMix) and isinstance(plain.train_set, PackedExamples)
     assert torch.equal(mixed.val_set.tokens, plain.val_set.tokens)
     assert mixed.n_train_tokens == plain.n_train_tokens
     loader = mixed.train_dataloader()
@@ -175,6 +221,22 @@ def test_needles_need_room_in_the_training_window():
     data = NSADataModule(DataConfig(seq_len=64, batch_size=4, needle_fraction=0.1), seed=0)
     with pytest.raises(ConfigError, match="data.seq_len=64"):
         data.setup()
+    short = DataConfig(
+        seq_len=256, batch_size=4, needle_fraction=0.1, curriculum_seq_len=64, curriculum_steps=5
+    )
+    with pytest.raises(ConfigError, match="data.curriculum_seq_len=64"):
+        NSADataModule(short, seed=0).setup()
+
+
+def test_datamodule_fixes_the_curriculum_length_in_epochs():
+    cfg = DataConfig(seq_len=256, batch_size=4, curriculum_seq_len=128, curriculum_steps=30)
+    data = NSADataModule(cfg, seed=0)
+    data.setup()
+    loader = data.train_dataloader()
+    steps_per_epoch = len(data.train_set) // 4
+    assert data.train_set.short_epochs == -(-30 // steps_per_epoch)
+    inputs, targets = next(iter(loader))
+    assert inputs.shape == targets.shape == (4, 2, 128)
 
 
 def test_exact_match_needs_the_digits_and_the_full_stop():

@@ -106,3 +106,28 @@ def test_a_failing_needle_eval_marks_the_run_failed(workdir: Path, monkeypatch):
     client, run = only_run(workdir)
     assert run.info.status == "FAILED"
     assert needle_artifacts(client, run.info.run_id) == set()
+
+
+def test_curriculum_trains_short_rows_first_and_logs_the_answer_loss(workdir: Path):
+    corpus = workdir / "corpus.txt"  # 23 windows of 256: two steps of 8 per epoch
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 134)
+    args = smoke_args(
+        workdir,
+        "data.source=text",
+        f"data.path={corpus}",
+        "model.max_seq_len=256",
+        "data.seq_len=256",
+        "data.needle_fraction=1.0",
+        "data.curriculum_seq_len=128",
+        "data.curriculum_steps=3",  # two epochs: four steps
+        "train.max_steps=7",
+        "train.log_every=1",
+    )
+    assert main(["train", *args]) == 0
+    client, run = only_run(workdir)
+    run_id = run.info.run_id
+    seq_lens = [m.value for m in client.get_metric_history(run_id, "train/seq_len")]
+    assert seq_lens == [128.0] * 4 + [256.0] * 3
+    answer_losses = client.get_metric_history(run_id, "train/answer_loss")
+    assert len(answer_losses) == 7 and all(m.value > 0 for m in answer_losses)
+    assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, "train/answer_acc"))

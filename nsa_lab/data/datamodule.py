@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from nsa_lab.config import ConfigError, DataConfig
 from nsa_lab.data.corpus import DocumentSource, corpus_sources, token_stream
-from nsa_lab.data.needle import OVERHEAD_TOKENS, EpochShuffle, NeedleMix
+from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
+from nsa_lab.data.needle import OVERHEAD_TOKENS
 from nsa_lab.data.tokenizer import ByteTokenizer
 
 
@@ -88,7 +89,7 @@ class NSADataModule(LightningDataModule):
         self.seed = seed
         self.tokenizer = ByteTokenizer()
         self.train_source, self.val_source = corpus_sources(data_cfg)
-        self.train_set: PackedExamples | NeedleMix | None = None
+        self.train_set: PackedExamples | TrainingMix | None = None
         self.val_set: PackedExamples | None = None
 
     def prepare_data(self) -> None:
@@ -111,7 +112,7 @@ class NSADataModule(LightningDataModule):
             )
         else:
             val_tokens = self._tokens(self.val_source)
-        self.train_set = self._with_needles(self._examples(train_tokens, self.train_source))
+        self.train_set = self._training_set(self._examples(train_tokens, self.train_source))
         self.val_set = self._examples(val_tokens, self.val_source or self.train_source)
         if len(self.train_set) < self.cfg.batch_size:
             # drop_last would leave no training batch at all, and Lightning would not say why.
@@ -135,34 +136,45 @@ class NSADataModule(LightningDataModule):
             )
         return examples
 
-    def _with_needles(self, examples: PackedExamples) -> PackedExamples | NeedleMix:
-        """The training examples, with ``data.needle_fraction`` of them retrieval samples.
+    def _training_set(self, examples: PackedExamples) -> PackedExamples | TrainingMix:
+        """The training examples, served short at first and with needles mixed in, if asked.
 
-        Validation stays ordinary text, so validation loss stays comparable across runs.
+        Validation stays ordinary full-length text, so validation loss stays comparable
+        across runs.
         """
-        if self.cfg.needle_fraction == 0:
+        if self.cfg.needle_fraction == 0 and self.cfg.curriculum_seq_len == 0:
             return examples
-        if self.cfg.seq_len + 1 <= OVERHEAD_TOKENS:
-            raise ConfigError(
-                "data.seq_len",
-                self.cfg.seq_len,
-                f"must be >= {OVERHEAD_TOKENS} to hold a needle sample "
-                f"(data.needle_fraction={self.cfg.needle_fraction})",
-            )
-        return NeedleMix(examples, self.cfg.needle_fraction, self.seed)
+        if self.cfg.needle_fraction > 0:
+            for key in ("seq_len", "curriculum_seq_len"):
+                length = getattr(self.cfg, key) or self.cfg.seq_len
+                if length + 1 <= OVERHEAD_TOKENS:
+                    raise ConfigError(
+                        f"data.{key}",
+                        length,
+                        f"must be >= {OVERHEAD_TOKENS} to hold a needle sample "
+                        f"(data.needle_fraction={self.cfg.needle_fraction})",
+                    )
+        return TrainingMix(
+            examples, self.cfg.needle_fraction, self.seed, self.cfg.curriculum_seq_len
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled in an order fixed by ``seed``; incomplete last batch dropped.
 
-        With needles the order comes from :class:`EpochShuffle`, which tells the mix
-        which epoch it serves, so that each epoch draws new needles.
+        With needles or the curriculum the order comes from :class:`EpochShuffle`, which
+        tells the mix which epoch it serves (each epoch draws new needles; the curriculum
+        ends with an epoch). The curriculum's length in epochs is fixed here, once the
+        number of processes sharing the data is known.
         """
         examples = self._built(self.train_set)
-        order = (
-            {"sampler": EpochShuffle(len(examples), self.seed)}
-            if isinstance(examples, NeedleMix)
-            else {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
-        )
+        if isinstance(examples, TrainingMix):
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            examples.short_epochs = curriculum_epochs(
+                self.cfg.curriculum_steps, len(examples), self.cfg.batch_size, world_size
+            )
+            order = {"sampler": EpochShuffle(len(examples), self.seed)}
+        else:
+            order = {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
         return DataLoader(
             examples,
             batch_size=self.cfg.batch_size,
@@ -193,7 +205,7 @@ class NSADataModule(LightningDataModule):
         return self._built(self.val_set).n_target_tokens
 
     @staticmethod
-    def _built(examples: PackedExamples | NeedleMix | None) -> PackedExamples | NeedleMix:
+    def _built(examples: PackedExamples | TrainingMix | None) -> PackedExamples | TrainingMix:
         if examples is None:
             raise RuntimeError("call NSADataModule.setup() first")
         return examples

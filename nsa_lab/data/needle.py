@@ -19,28 +19,22 @@ Training and evaluation needles can never coincide: keys are split in two by the
 parity of their CRC-32 (even for training, odd for evaluation), and the two sides
 draw from different random streams (:data:`TRAIN_STREAM`, :data:`EVAL_STREAM`).
 
-The training mix (:class:`NeedleMix`) replaces a fraction of training windows by
-a retrieval unit of random length built from that window's own text, followed
-by the window's text continuing, so the question sits at varying positions and
-every token is still ordinary next-token prediction.
+The training mix (:class:`~nsa_lab.data.mix.TrainingMix`) replaces a fraction of
+training rows by retrieval units of random length built from that row's own text
+(:func:`training_sample`), followed by the row's text continuing, so the question
+sits at varying positions and every token is still ordinary next-token prediction.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
 
 from nsa_lab.data.tokenizer import ByteTokenizer
-
-if TYPE_CHECKING:  # the data module imports this module to build its training mix
-    from nsa_lab.data.datamodule import PackedExamples
 
 NEEDLE_TEMPLATE = "\nThe pass key of {key} is #{value}.\n"
 QUESTION_TEMPLATE = "\nQ: the pass key of {key} is #"
@@ -54,7 +48,6 @@ _VOWELS = "aeiou"
 # draw from unrelated streams whatever seeds the user picks.
 TRAIN_STREAM = 0x7A1
 EVAL_STREAM = 0xE7A1
-ORDER_STREAM = 0x0DE  # the training mix's shuffling
 SPLITS = ("train", "eval")
 _TOKENIZER = ByteTokenizer()
 
@@ -131,6 +124,33 @@ class NeedleSample:
         return self.tokens[: self.answer_start]
 
 
+def answer_mask(inputs: Tensor) -> Tensor:
+    """Bool ``[B, T]``: where the *target* of input position ``t`` is an answer token.
+
+    Found by matching the question template (the key bytes are wildcards) in the
+    inputs, so it needs no bookkeeping from the data pipeline and works on any batch.
+    The answer's tokens are the targets of the question's last position and of the
+    ``ANSWER_TOKENS - 1`` positions after it (the answer's own tokens, teacher-forced).
+    """
+    pattern = torch.from_numpy(encode(_EXAMPLE.question)).to(inputs.device)
+    wildcard = torch.zeros(len(pattern), dtype=torch.bool, device=inputs.device)
+    key_at = QUESTION_TEMPLATE.index("{key}")  # ASCII: character index == byte index
+    wildcard[key_at : key_at + len(_EXAMPLE.key)] = True
+    span = len(pattern)
+    batch, length = inputs.shape
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=inputs.device)
+    if length < span:
+        return mask
+    windows = inputs.unfold(1, span, 1)  # [B, T - span + 1, span]
+    ends = ((windows == pattern) | wildcard).all(-1)  # question ending at t + span - 1
+    starts = ends.nonzero()
+    for offset in range(ANSWER_TOKENS):
+        cols = starts[:, 1] + span - 1 + offset
+        keep = cols < length
+        mask[starts[keep, 0], cols[keep]] = True
+    return mask
+
+
 def haystack_tokens_needed(length: int) -> int:
     """Haystack tokens in a sample of ``length`` tokens (needle, question and answer excluded)."""
     if length <= OVERHEAD_TOKENS:
@@ -184,68 +204,3 @@ def training_sample(window: np.ndarray, rng: np.random.Generator, min_length: in
         filled += length
     parts.append(window[text_used : text_used + size - filled])
     return np.concatenate(parts)
-
-
-class NeedleMix(Dataset[tuple[Tensor, Tensor]]):
-    """Training examples of which a ``fraction`` are replaced by retrieval samples.
-
-    Indices run past ``len(base)``: index ``g`` is draw ``g // n`` (the epoch, see
-    :class:`EpochShuffle`) of base example ``g % n``. Whether a draw is a needle
-    sample, and which needle, is a function of ``(seed, g)`` alone, so the mix is
-    the same on every run with that seed, every epoch brings new needles, and
-    data-loader workers need no shared state.
-    """
-
-    def __init__(self, base: PackedExamples, fraction: float, seed: int) -> None:
-        if base.seq_len + 1 <= OVERHEAD_TOKENS:
-            raise ValueError(
-                f"seq_len={base.seq_len} is too short for a needle sample "
-                f"(more than {OVERHEAD_TOKENS - 1} tokens needed)"
-            )
-        self.base = base
-        self.fraction = fraction
-        self.seed = seed
-        self.min_length = min(OVERHEAD_TOKENS + 16, base.seq_len + 1)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        inputs, targets = self.base[index % len(self.base)]
-        rng = stream_rng(TRAIN_STREAM, self.seed, index)
-        if rng.random() >= self.fraction:
-            return inputs, targets
-        window = torch.cat([inputs, targets[-1:]]).numpy()
-        mixed = torch.from_numpy(training_sample(window, rng, self.min_length))
-        return mixed[:-1], mixed[1:]
-
-    @property
-    def seq_len(self) -> int:
-        return self.base.seq_len
-
-    @property
-    def n_target_tokens(self) -> int:
-        return self.base.n_target_tokens
-
-
-class EpochShuffle(Sampler[int]):
-    """A seeded permutation of ``range(n)`` per epoch, offset by ``epoch * n``.
-
-    Lightning calls :meth:`set_epoch` before each epoch (directly, or through its
-    distributed wrapper), so :class:`NeedleMix` sees which draw of an example it serves.
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        order = stream_rng(ORDER_STREAM, self.seed, self.epoch).permutation(self.n)
-        return iter((order + self.epoch * self.n).tolist())
