@@ -60,6 +60,8 @@ def test_smoke_train_logs_a_complete_mlflow_run(workdir: Path, capsys):
     metrics = run.data.metrics
     assert metrics["train/tokens_per_s"] > 0
     assert {"gates/layer0/cmp", "gates/layer1/win", "val/ppl"} <= set(metrics)
+    gate_steps = [m.step for m in client.get_metric_history(run.info.run_id, "gates/layer0/cmp")]
+    assert gate_steps == [m.step for m in train_loss] and len(gate_steps) == 6  # none lost
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "loss_curve.png"} <= artifacts

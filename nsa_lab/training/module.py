@@ -60,13 +60,22 @@ class LanguageModel(L.LightningModule):
         losses = token_losses(logits, targets)
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
-        if self.global_step % self.cfg.train.log_every == 0:
+        if self._is_log_step():
             self.log("train/seq_len", float(inputs.shape[1]))
             for key, value in self.model.gate_means().items():
                 self.log(f"gates/{key}", value)
             if self.cfg.data.needle_fraction > 0:
                 self._log_answer_metrics(inputs, targets, logits, losses)
         return loss
+
+    def _is_log_step(self) -> bool:
+        """Whether Lightning writes this step's logged values to the logger.
+
+        It writes after the batches where ``global_step + 1`` (the steps taken once this
+        one is) is a multiple of ``log_every_n_steps``; a value logged on any other step
+        is overwritten before it is written.
+        """
+        return (self.global_step + 1) % self.cfg.train.log_every == 0
 
     def _log_answer_metrics(
         self,
