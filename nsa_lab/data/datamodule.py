@@ -145,9 +145,12 @@ class NSADataModule(LightningDataModule):
         if self.cfg.needle_fraction == 0 and self.cfg.curriculum_seq_len == 0:
             return examples
         if self.cfg.needle_fraction > 0:
-            for key in ("seq_len", "curriculum_seq_len"):
-                length = getattr(self.cfg, key) or self.cfg.seq_len
-                if length + 1 <= OVERHEAD_TOKENS:
+            served = {
+                "seq_len": self.cfg.seq_len,
+                "curriculum_seq_len": self.cfg.curriculum_seq_len,
+            }
+            for key, length in served.items():
+                if 0 < length < OVERHEAD_TOKENS:
                     raise ConfigError(
                         f"data.{key}",
                         length,

@@ -11,6 +11,16 @@ import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def writes_logs(steps_taken: int, log_every: int) -> bool:
+    """Whether Lightning writes logged values to the logger once ``steps_taken`` steps are done.
+
+    It writes when ``steps_taken`` is a multiple of ``log_every_n_steps``; a value logged
+    during any other step is overwritten before it is written, so every step-wise metric
+    must be logged on these steps.
+    """
+    return steps_taken % log_every == 0
+
+
 class TokenThroughput(L.Callback):
     """Logs ``train/tokens_per_s`` (all ranks' tokens) over each ``log_every`` window.
 
@@ -37,7 +47,7 @@ class TokenThroughput(L.Callback):
         if self._t0 is None:  # the first step pays for compilation and warm-up
             self._t0, self._tokens = now, 0
             return
-        if trainer.global_step % self.log_every == 0 and now > self._t0:
+        if writes_logs(trainer.global_step, self.log_every) and now > self._t0:
             pl_module.log(
                 "train/tokens_per_s",
                 self._tokens / (now - self._t0),

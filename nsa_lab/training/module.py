@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.data.needle import answer_mask
 from nsa_lab.models.transformer import GQATransformer
+from nsa_lab.training.callbacks import writes_logs
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -69,13 +70,9 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def _is_log_step(self) -> bool:
-        """Whether Lightning writes this step's logged values to the logger.
-
-        It writes after the batches where ``global_step + 1`` (the steps taken once this
-        one is) is a multiple of ``log_every_n_steps``; a value logged on any other step
-        is overwritten before it is written.
-        """
-        return (self.global_step + 1) % self.cfg.train.log_every == 0
+        """Whether this step's logged values reach the logger (``global_step`` counts the
+        steps taken before this one)."""
+        return writes_logs(self.global_step + 1, self.cfg.train.log_every)
 
     def _log_answer_metrics(
         self,
