@@ -8,7 +8,7 @@
 # (results/, every log, one MLflow store per variant: mlflow_<variant>.db). The summary and
 # heatmaps are rewritten after every variant, so a call killed at its limit still returns
 # the variants done by then.
-# Exit code: 0 when all three variants were evaluated, 1 otherwise.
+# Exit code: 0 when every variant asked for was evaluated, 1 otherwise.
 #
 # Environment (all optional):
 #   NEEDLE_TRAIN_LIMIT  seconds one training may take (default 140); a training cut by it
@@ -27,6 +27,8 @@
 #   NEEDLE_PARALLEL     1 to train the three variants side by side on the one GPU, each for
 #                       NEEDLE_TRAIN_LIMIT seconds (or until NEEDLE_DEADLINE minus one
 #                       NEEDLE_EVAL_RESERVE), then evaluate them side by side
+#   NEEDLE_VARIANTS     the variants to train and evaluate (default "full nsa window"), e.g. to
+#                       redo one whose training ran out of time
 #   NEEDLE_SKIP_INSTALL 1 to use the environment as it is; PYTHON picks the interpreter
 #   NEEDLE_WORK         scratch folder (default /tmp/needle_work, emptied first)
 # CPU dry run (about 1 minute on 2 cores; docs/needle.md):
@@ -46,7 +48,13 @@ eval_limit=${NEEDLE_EVAL_LIMIT:-120}
 read -r -a overrides <<<"${NEEDLE_OVERRIDES:-}"
 read -r -a eval_opts <<<"${NEEDLE_EVAL:-}"
 py=${PYTHON:-python3}
-variants=(full nsa window)
+read -r -a variants <<<"${NEEDLE_VARIANTS:-full nsa window}"
+for variant in "${variants[@]}"; do
+  if [[ ! -f experiments/needle_$variant.yaml ]]; then
+    echo "NEEDLE_VARIANTS: no experiments/needle_$variant.yaml for variant '$variant' (run from the repository root; known: full nsa window)" >&2
+    exit 2
+  fi
+done
 export PYTHONUNBUFFERED=1
 rm -rf "$work" && mkdir -p "$out" "$work/results"
 out=$(cd "$out" && pwd)  # absolute: the tarball is made from inside $work
@@ -69,14 +77,14 @@ fi
 
 # Rewrites $OUT/needle_summary.md from what results/ holds so far, and copies the heatmaps.
 summarise() {
-  $py - "$work" >"$out/.needle_summary.md" <<'EOF'
+  $py - "$work" "${variants[@]}" >"$out/.needle_summary.md" <<'EOF'
 import sys
 from pathlib import Path
 
 from nsa_lab.evaluation.results import NeedleResults, markdown_table
 
 work = Path(sys.argv[1])
-variants = ("full", "nsa", "window")
+variants = sys.argv[2:]
 found = {
     v: NeedleResults.from_json((work / "results" / v / "needle_results.json").read_text())
     for v in variants
