@@ -117,18 +117,30 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from nsa_lab.evaluation.needle import evaluate_run, parse_depths, parse_lengths
+
+    grid = {
+        "lengths": parse_lengths(ns.lengths) if ns.lengths else None,
+        "depths": parse_depths(ns.depths) if ns.depths else None,
+        "trials": ns.trials,
+        "seed": ns.seed,
+        "tracking_uri": ns.tracking_uri,
+        "device": ns.device,
+    }
+    if ns.what == "selection":
+        from nsa_lab.evaluation.selection import (
+            diagnose_run,
+            selection_table,
+            write_selection_table,
+        )
+
+        table = selection_table(diagnose_run(ns.run, **grid), f"NSA selection of {ns.run}")
+        print(table, end="")
+        if ns.out:
+            write_selection_table(table, ns.out)
+        return 0
     from nsa_lab.evaluation.results import markdown_table
 
-    results = evaluate_run(
-        ns.run,
-        lengths=parse_lengths(ns.lengths) if ns.lengths else None,
-        depths=parse_depths(ns.depths) if ns.depths else None,
-        trials=ns.trials,
-        seed=ns.seed,
-        tracking_uri=ns.tracking_uri,
-        out_dir=ns.out,
-        device=ns.device,
-    )
+    results = evaluate_run(ns.run, out_dir=ns.out, **grid)
     print(markdown_table(results, f"needle retrieval of {results.meta['variant']} ({ns.run})"))
     return 0
 
@@ -201,12 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = add(
         "eval",
         cmd_eval,
-        "Evaluate a trained run: needle-in-a-haystack retrieval accuracy per length and "
-        "depth, logged into the run (metrics needle/acc..., heatmap) and printed.",
+        "Evaluate a trained run. needle: needle-in-a-haystack retrieval accuracy per length "
+        "and depth, logged into the run (metrics needle/acc..., heatmap) and printed. "
+        "selection (NSA variants): per needle cell, whether each layer's selection holds the "
+        "needle and the accuracy when it is made to (oracle); printed.",
         "nsa-lab eval needle 3f2a...c9 --lengths 256,512,1024 --depths 0,0.5,1 --trials 20",
         config=False,
     )
-    evaluate.add_argument("what", choices=["needle"], help="which evaluation")
+    evaluate.add_argument("what", choices=["needle", "selection"], help="which evaluation")
     evaluate.add_argument("run", metavar="RUN", help="MLflow run id or checkpoint path")
     evaluate.add_argument(
         "--lengths", help="context lengths in tokens (default: 1/4, 1/2, 1 x trained length)"
@@ -217,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tracking-uri", help="store of the run (default: the run's own, or sqlite:///mlflow.db)"
     )
-    evaluate.add_argument("--out", help="also write the JSON, CSV and heatmap into this folder")
+    evaluate.add_argument(
+        "--out",
+        help="also write into this folder: the JSON, CSV and heatmap (needle), "
+        "needle_selection.md (selection)",
+    )
     evaluate.add_argument("--device", default="auto", help="auto (GPU if any), cpu or cuda")
     sweep = add(
         "sweep",

@@ -16,6 +16,9 @@ along the query axis, so each group attends its own keys once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,12 @@ from nsa_lab.kernels.nsa.spec import NSAParams, heads_per_group, run_branches, s
 
 # Queries per chunk in selection/window attention: bounds the mask at [chunk, T].
 QUERY_CHUNK = 256
+
+# Diagnostics only (see preferring_blocks): blocks ranked right after the forced ones,
+# from a query position on. None: the spec's selection, unchanged.
+_PREFERRED: ContextVar[tuple[tuple[int, ...], int] | None] = ContextVar(
+    "preferred_blocks", default=None
+)
 
 
 def compression_attention(
@@ -227,11 +236,47 @@ def _selection_branch(
     """
     if params.n >= math.ceil(q.shape[1] / params.l_sel):
         return causal_attention(q, k, v, scale)
+    indices = selected_blocks(q, kc, params, scale, lse)
+    return selection_attention(q, k, v, indices, params.l_sel, scale)
+
+
+def selected_blocks(
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    params: NSAParams,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The blocks each query's selection attends, ``[B,T,G,n]``: score, then top-``n``.
+
+    ``lse`` is the cmp branch's when it ran (recomputed otherwise). Inside
+    :func:`preferring_blocks` the preferred blocks outrank every scored block.
+    """
     if lse is None:
         lse = compression_lse(q, kc, params.l, params.d, scale)
     scores = selection_scores(q, kc, lse, params.l, params.d, params.l_sel, scale)
-    indices = select_blocks(scores, params.n, params.l_sel, params.force_init_local)
-    return selection_attention(q, k, v, indices, params.l_sel, scale)
+    preferred = _PREFERRED.get()
+    if preferred is not None:
+        blocks, first_query = preferred
+        visible = [b for b in blocks if b < scores.shape[-1]]
+        scores[:, first_query:, :, visible] = torch.finfo(scores.dtype).max
+    return select_blocks(scores, params.n, params.l_sel, params.force_init_local)
+
+
+@contextmanager
+def preferring_blocks(blocks: Sequence[int], first_query: int) -> Iterator[None]:
+    """Oracle selection, for diagnostics: queries from ``first_query`` on pick ``blocks``.
+
+    The blocks rank right after the forced ones (ahead of every scored block), so the
+    question "would the model answer if selection found the needle?" can be asked of a
+    trained model. Only this module's PyTorch op honours it (the Triton kernels select
+    on their own): run the model with ``attn.impl=torch`` inside it.
+    """
+    token = _PREFERRED.set((tuple(blocks), first_query))
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
 
 
 def _compression_logits(

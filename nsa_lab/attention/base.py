@@ -34,8 +34,12 @@ class AttentionBase(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, self.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = apply_rope(self.split_heads(self.q_proj(x)), cos, sin)
+        q = self.queries(x, cos, sin)
         return self.o_proj(self.attend(x, q, cos, sin).flatten(2))
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated queries ``[B,T,H,head_dim]``."""
+        return apply_rope(self.split_heads(self.q_proj(x)), cos, sin)
 
     def attend(
         self, x: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -31,7 +31,7 @@ from nsa_lab.attention.base import AttentionBase
 from nsa_lab.attention.registry import register
 from nsa_lab.config import ConfigError
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams
-from nsa_lab.kernels.nsa.torch_ops import nsa_attention
+from nsa_lab.kernels.nsa.torch_ops import nsa_attention, selected_blocks
 
 # Hidden width of the compression MLP, in multiples of head_dim: a bottleneck between
 # the flattened block (l * head_dim) and the compressed token (head_dim).
@@ -161,6 +161,21 @@ class NSAAttention(AttentionBase):
         gates = torch.sigmoid(self.gate(x)).unflatten(-1, (self.n_heads, len(branches)))
         self._gate_means = gates.detach().mean(dim=(0, 1, 2))
         return self.nsa_op(q, gates, self.params, **tensors)
+
+    @torch.no_grad()
+    def selection_indices(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """The blocks the selection branch reads, ``[B,T,G,n]`` (-1: none), for this layer's input.
+
+        For diagnostics (which blocks did a query pick?): recomputed with the PyTorch op's
+        scoring, which the Triton kernels match (tested), so it costs a second pass.
+        """
+        if "slc" not in self.params.branches:
+            raise ValueError(f"branches {list(self.params.branches)} have no selection")
+        q = self.queries(x, cos, sin)
+        kc = self.phi_k(self.keys(self.k_proj[self.kv_source["cmp"]], x, cos, sin))
+        return selected_blocks(q, kc, self.params)
 
 
 _ALL = list(BRANCHES)

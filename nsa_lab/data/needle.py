@@ -64,6 +64,11 @@ class NeedleFact:
         return NEEDLE_TEMPLATE.format(key=self.key, value=self.value)
 
     @property
+    def value_offset(self) -> int:
+        """Token index of the value's first digit within ``needle`` (ASCII: one byte a char)."""
+        return len(NEEDLE_TEMPLATE.split("{value}")[0].format(key=self.key))
+
+    @property
     def question(self) -> str:
         return QUESTION_TEMPLATE.format(key=self.key)
 

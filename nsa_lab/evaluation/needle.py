@@ -38,7 +38,7 @@ from nsa_lab.data.needle import (
     stream_rng,
 )
 from nsa_lab.data.tokenizer import ByteTokenizer
-from nsa_lab.evaluation.loading import load_run
+from nsa_lab.evaluation.loading import LoadedRun, load_run
 from nsa_lab.evaluation.results import CellResult, NeedleResults, log_results, write_results
 
 DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))
@@ -243,17 +243,13 @@ def evaluate_run(
 ) -> NeedleResults:
     """Evaluate the checkpoint or MLflow run ``ref`` and log the results into that run.
 
-    Grid defaults come from the run's trained length (``data.seq_len``); the
-    haystack is the validation split of the run's own corpus. When the
-    checkpoint names no run that the tracking store holds, results are only
-    returned and written to ``out_dir``.
+    Grid and haystack as :func:`needle_setup` gives them. When the checkpoint names
+    no run that the tracking store holds, results are only returned and written to
+    ``out_dir``.
     """
     torch_device = _device(device)
-    loaded = load_run(ref, tracking_uri)
+    loaded, grid, haystack = needle_setup(ref, lengths, depths, trials, seed, tracking_uri)
     cfg = loaded.cfg
-    grid = make_grid(cfg.data.seq_len, cfg.model.max_seq_len, lengths, depths, trials, seed)
-    data = NSADataModule(cfg.data, cfg.train.seed)
-    data.setup("validate")
     client, run_id = _reachable_run(loaded.tracking_uri, loaded.run_id)
     meta = {
         "variant": cfg.attn.name,
@@ -262,7 +258,7 @@ def evaluate_run(
     }
     return run_needle_eval(
         loaded.module.model.to(torch_device),
-        data.val_set.tokens.numpy(),
+        haystack,
         grid,
         torch_device,
         meta,
@@ -271,6 +267,27 @@ def evaluate_run(
         step=loaded.global_step,
         out_dir=out_dir,
     )
+
+
+def needle_setup(
+    ref: str,
+    lengths: Sequence[int] | None,
+    depths: Sequence[float] | None,
+    trials: int | None,
+    seed: int,
+    tracking_uri: str | None = None,
+) -> tuple[LoadedRun, NeedleGrid, np.ndarray]:
+    """What every evaluation of ``ref`` starts from: the run, its checked grid, its haystack.
+
+    The haystack is the validation split of the run's own corpus; grid defaults come
+    from the run's trained length (``data.seq_len``).
+    """
+    loaded = load_run(ref, tracking_uri)
+    cfg = loaded.cfg
+    grid = make_grid(cfg.data.seq_len, cfg.model.max_seq_len, lengths, depths, trials, seed)
+    data = NSADataModule(cfg.data, cfg.train.seed)
+    data.setup("validate")
+    return loaded, grid, data.val_set.tokens.numpy()
 
 
 def _device(name: str) -> torch.device:

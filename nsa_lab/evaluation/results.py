@@ -158,13 +158,14 @@ def write_results(results: NeedleResults, out_dir: str | Path, title: str = "") 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / JSON_NAME, out / CSV_NAME, out / HEATMAP_NAME]
-    _write_atomic(paths[0], lambda p: p.write_text(results.to_json()))
-    _write_atomic(paths[1], lambda p: p.write_text(results.to_csv()))
-    _write_atomic(paths[2], lambda p: plot_heatmap(results, p, title))
+    write_atomic(paths[0], lambda p: p.write_text(results.to_json()))
+    write_atomic(paths[1], lambda p: p.write_text(results.to_csv()))
+    write_atomic(paths[2], lambda p: plot_heatmap(results, p, title))
     return paths
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename onto ``path``: the file is whole or absent, never torn."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix for matplotlib
     try:
         write(tmp)
