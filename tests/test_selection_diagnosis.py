@@ -30,20 +30,10 @@ from nsa_lab.evaluation.selection import (
 from nsa_lab.kernels.nsa import torch_ops
 from nsa_lab.kernels.nsa.spec import NSAParams
 from nsa_lab.training.module import LanguageModel
+from tests.test_attention_layers import SMALL as LAYER_SMALL
 from tests.test_needle import letters_haystack, text_of
 
-SMALL = [
-    "model.d_model=32",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.head_dim=8",
-    "attn.l=8",
-    "attn.d=4",
-    "attn.l_sel=8",
-    "attn.n=4",
-    "attn.w=12",
-    "attn.impl=torch",
-]
+SMALL = [*LAYER_SMALL, "attn.n=4", "attn.impl=torch"]
 T = 45  # 6 selection blocks of 8, n = 4: one free pick besides the 3 forced ones
 
 
