@@ -118,7 +118,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from nsa_lab.evaluation.needle import evaluate_run, parse_depths, parse_lengths
 
-    grid = {
+    options = {
         "lengths": parse_lengths(ns.lengths) if ns.lengths else None,
         "depths": parse_depths(ns.depths) if ns.depths else None,
         "trials": ns.trials,
@@ -133,14 +133,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
             write_selection_table,
         )
 
-        table = selection_table(diagnose_run(ns.run, **grid), f"NSA selection of {ns.run}")
+        table = selection_table(diagnose_run(ns.run, **options), f"NSA selection of {ns.run}")
         print(table, end="")
         if ns.out:
             write_selection_table(table, ns.out)
         return 0
     from nsa_lab.evaluation.results import markdown_table
 
-    results = evaluate_run(ns.run, out_dir=ns.out, **grid)
+    results = evaluate_run(ns.run, out_dir=ns.out, **options)
     print(markdown_table(results, f"needle retrieval of {results.meta['variant']} ({ns.run})"))
     return 0
 

@@ -177,7 +177,7 @@ def evaluate_model(
             correct = 0
             for start in range(0, grid.trials, batch):
                 chunk = torch.from_numpy(prompts[start : start + batch]).to(device)
-                with _autocast(device):
+                with eval_autocast(device):
                     answers = greedy_continuation(model, chunk, ANSWER_TOKENS)
                 texts = [_TOKENIZER.decode(row) for row in answers.tolist()]
                 correct += sum(map(exact_match, texts, facts[start : start + batch]))
@@ -185,7 +185,7 @@ def evaluate_model(
     return cells
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def eval_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 on a GPU (as in training), nothing on the CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -247,7 +247,7 @@ def evaluate_run(
     no run that the tracking store holds, results are only returned and written to
     ``out_dir``.
     """
-    torch_device = _device(device)
+    torch_device = eval_device(device)
     loaded, grid, haystack = needle_setup(ref, lengths, depths, trials, seed, tracking_uri)
     cfg = loaded.cfg
     client, run_id = _reachable_run(loaded.tracking_uri, loaded.run_id)
@@ -290,7 +290,8 @@ def needle_setup(
     return loaded, grid, data.val_set.tokens.numpy()
 
 
-def _device(name: str) -> torch.device:
+def eval_device(name: str) -> torch.device:
+    """The ``--device`` option (auto: the GPU if any), checked before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):

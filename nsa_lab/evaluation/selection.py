@@ -30,7 +30,13 @@ from torch import nn
 from nsa_lab.attention.nsa import NSAAttention
 from nsa_lab.config import ConfigError
 from nsa_lab.data.needle import VALUE_DIGITS, encode, haystack_tokens_needed, needle_position
-from nsa_lab.evaluation.needle import NeedleGrid, _autocast, _device, cell_needles, needle_setup
+from nsa_lab.evaluation.needle import (
+    NeedleGrid,
+    cell_needles,
+    eval_autocast,
+    eval_device,
+    needle_setup,
+)
 from nsa_lab.evaluation.results import write_atomic
 from nsa_lab.kernels.nsa.torch_ops import nsa_attention, preferring_blocks
 
@@ -118,13 +124,13 @@ def diagnose_cell(
     prompt_len = prompts.shape[1]
     span = value_span(length, depth, facts[0].value_offset)  # keys, hence offsets, have one length
     blocks = blocks_of(span, layers[0].params.l_sel)
-    with _autocast(device), layer_inputs(layers) as seen:
+    with eval_autocast(device), layer_inputs(layers) as seen:
         correct = teacher_forced_correct(model, tokens, prompt_len)
         hits = tuple(
             _share_holding(layer.selection_indices(*args)[:, prompt_len - 1], blocks)
             for layer, args in zip(layers, seen, strict=True)
         )
-    with _autocast(device), preferring_blocks(blocks, span.stop):
+    with eval_autocast(device), preferring_blocks(blocks, span.stop):
         oracle = teacher_forced_correct(model, tokens, prompt_len)
     return SelectionCell(
         length, depth, grid.trials, blocks, int(correct.sum()), int(oracle.sum()), hits
@@ -147,7 +153,7 @@ def diagnose_run(
     device: str = "auto",
 ) -> list[SelectionCell]:
     """The selection diagnosis of run or checkpoint ``ref`` over its needle grid."""
-    torch_device = _device(device)
+    torch_device = eval_device(device)
     loaded, grid, haystack = needle_setup(ref, lengths, depths, trials, seed, tracking_uri)
     model = loaded.module.model.to(torch_device).eval()
     layers = selecting_layers(model)
