@@ -16,6 +16,7 @@ from nsa_lab.attention.rope import rope_tables
 from nsa_lab.cli import main
 from nsa_lab.config import ConfigError, load_config
 from nsa_lab.data.needle import NeedleFact, build_sample, encode
+from nsa_lab.evaluation import selection
 from nsa_lab.evaluation.needle import make_grid
 from nsa_lab.evaluation.selection import (
     blocks_of,
@@ -104,9 +105,9 @@ def _model(name: str, *extra: str) -> LanguageModel:
     return LanguageModel(OmegaConf.to_container(cfg, resolve=True), 257)
 
 
-def test_a_cell_counts_answers_oracle_answers_and_hits_per_layer():
+def test_a_cell_counts_answers_oracle_answers_and_hits_per_layer(monkeypatch):
     torch.manual_seed(2)
-    model = _model("nsa", "attn.n=6").model.eval()  # 3 free picks: room for 2 value blocks
+    model = _model("nsa", "attn.n=6").model.double().eval()  # 3 free picks: room for 2 value blocks
     layers = selecting_layers(model)
     assert len(layers) == 2
     haystack = letters_haystack(3000)
@@ -128,6 +129,9 @@ def test_a_cell_counts_answers_oracle_answers_and_hits_per_layer():
     assert 0 <= cell.correct <= 4 and 0 <= cell.oracle_correct <= 4
     assert len(cell.hits) == 2 and all(0.0 <= h <= 1.0 for h in cell.hits)
     assert layers[0].nsa_op is own_op  # restored after the diagnosis
+    monkeypatch.setattr(selection, "TOKENS_PER_BATCH", 256)  # one needle per batch: same cell
+    with reference_op(layers):
+        assert diagnose_cell(model, layers, haystack, 256, 0.5, grid, torch.device("cpu")) == cell
     table = selection_table([cell], "t")
     assert "| 256 | 0.5 |" in table and "hit % L1" in table and "oracle" in table
 

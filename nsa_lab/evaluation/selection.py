@@ -31,6 +31,7 @@ from nsa_lab.attention.nsa import NSAAttention
 from nsa_lab.config import ConfigError
 from nsa_lab.data.needle import VALUE_DIGITS, encode, haystack_tokens_needed, needle_position
 from nsa_lab.evaluation.needle import (
+    TOKENS_PER_BATCH,
     NeedleGrid,
     cell_needles,
     eval_autocast,
@@ -117,30 +118,47 @@ def diagnose_cell(
     grid: NeedleGrid,
     device: torch.device,
 ) -> SelectionCell:
-    """Accuracy, oracle accuracy and per-layer hit rates for one cell of ``grid``."""
+    """Accuracy, oracle accuracy and per-layer hit rates for one cell of ``grid``.
+
+    The trials run in batches of ``TOKENS_PER_BATCH`` tokens, as in the needle evaluation.
+    """
     prompts, facts = cell_needles(haystack, length, depth, grid.trials, grid.seed)
     answers = np.stack([encode(fact.answer) for fact in facts])
-    tokens = torch.from_numpy(np.concatenate([prompts, answers], axis=1)).to(device)
+    tokens = torch.from_numpy(np.concatenate([prompts, answers], axis=1))
     prompt_len = prompts.shape[1]
     span = value_span(length, depth, facts[0].value_offset)  # keys, hence offsets, have one length
     blocks = blocks_of(span, layers[0].params.l_sel)
-    with eval_autocast(device), layer_inputs(layers) as seen:
-        correct = teacher_forced_correct(model, tokens, prompt_len)
-        hits = tuple(
-            _share_holding(layer.selection_indices(*args)[:, prompt_len - 1], blocks)
-            for layer, args in zip(layers, seen, strict=True)
-        )
-    with eval_autocast(device), preferring_blocks(blocks, span.stop):
-        oracle = teacher_forced_correct(model, tokens, prompt_len)
+    correct, oracle, holds = [], [], []
+    batch = max(1, TOKENS_PER_BATCH // length)
+    for chunk in torch.split(tokens, batch):
+        chunk = chunk.to(device)
+        with eval_autocast(device), layer_inputs(layers) as seen:
+            correct.append(teacher_forced_correct(model, chunk, prompt_len))
+            holds.append(
+                [
+                    _holding(layer.selection_indices(*args)[:, prompt_len - 1], blocks)
+                    for layer, args in zip(layers, seen, strict=True)
+                ]
+            )
+        with eval_autocast(device), preferring_blocks(blocks, span.stop):
+            oracle.append(teacher_forced_correct(model, chunk, prompt_len))
+    hits = tuple(
+        torch.cat(per_layer).float().mean().item() for per_layer in zip(*holds, strict=True)
+    )
     return SelectionCell(
-        length, depth, grid.trials, blocks, int(correct.sum()), int(oracle.sum()), hits
+        length,
+        depth,
+        grid.trials,
+        blocks,
+        int(np.concatenate(correct).sum()),
+        int(np.concatenate(oracle).sum()),
+        hits,
     )
 
 
-def _share_holding(indices: torch.Tensor, blocks: Sequence[int]) -> float:
-    """Share of ``indices [B,G,n]`` rows that hold every one of ``blocks``."""
-    holds = torch.stack([(indices == b).any(dim=-1) for b in blocks]).all(dim=0)
-    return holds.float().mean().item()
+def _holding(indices: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
+    """Bool ``[B,G]``: does the selection ``indices [B,G,n]`` hold every one of ``blocks``?"""
+    return torch.stack([(indices == b).any(dim=-1) for b in blocks]).all(dim=0)
 
 
 def diagnose_run(
