@@ -16,7 +16,7 @@ from nsa_lab.attention.rope import rope_tables
 from nsa_lab.cli import main
 from nsa_lab.config import ConfigError, load_config
 from nsa_lab.data.needle import NeedleFact, build_sample, encode
-from nsa_lab.evaluation import selection
+from nsa_lab.evaluation import needle as needle_eval
 from nsa_lab.evaluation.needle import make_grid
 from nsa_lab.evaluation.selection import (
     blocks_of,
@@ -129,7 +129,7 @@ def test_a_cell_counts_answers_oracle_answers_and_hits_per_layer(monkeypatch):
     assert 0 <= cell.correct <= 4 and 0 <= cell.oracle_correct <= 4
     assert len(cell.hits) == 2 and all(0.0 <= h <= 1.0 for h in cell.hits)
     assert layers[0].nsa_op is own_op  # restored after the diagnosis
-    monkeypatch.setattr(selection, "TOKENS_PER_BATCH", 256)  # one needle per batch: same cell
+    monkeypatch.setattr(needle_eval, "TOKENS_PER_BATCH", 256)  # one needle per batch: same cell
     with reference_op(layers):
         assert diagnose_cell(model, layers, haystack, 256, 0.5, grid, torch.device("cpu")) == cell
     table = selection_table([cell], "t")

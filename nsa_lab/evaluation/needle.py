@@ -171,7 +171,7 @@ def evaluate_model(
     """Exact-match counts for every cell of ``grid``; the model is used as it is (eval mode)."""
     cells = []
     for length in grid.lengths:
-        batch = max(1, TOKENS_PER_BATCH // length)
+        batch = rows_per_batch(length)
         for depth in grid.depths:
             prompts, facts = cell_needles(haystack, length, depth, grid.trials, grid.seed)
             correct = 0
@@ -183,6 +183,11 @@ def evaluate_model(
                 correct += sum(map(exact_match, texts, facts[start : start + batch]))
             cells.append(CellResult(length, depth, grid.trials, correct))
     return cells
+
+
+def rows_per_batch(length: int) -> int:
+    """Prompts of ``length`` tokens per forward pass: ``TOKENS_PER_BATCH`` tokens, at least one."""
+    return max(1, TOKENS_PER_BATCH // length)
 
 
 def eval_autocast(device: torch.device) -> contextlib.AbstractContextManager:

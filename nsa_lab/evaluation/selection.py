@@ -31,12 +31,12 @@ from nsa_lab.attention.nsa import NSAAttention
 from nsa_lab.config import ConfigError
 from nsa_lab.data.needle import VALUE_DIGITS, encode, haystack_tokens_needed, needle_position
 from nsa_lab.evaluation.needle import (
-    TOKENS_PER_BATCH,
     NeedleGrid,
     cell_needles,
     eval_autocast,
     eval_device,
     needle_setup,
+    rows_per_batch,
 )
 from nsa_lab.evaluation.results import write_atomic
 from nsa_lab.kernels.nsa.torch_ops import nsa_attention, preferring_blocks
@@ -120,7 +120,7 @@ def diagnose_cell(
 ) -> SelectionCell:
     """Accuracy, oracle accuracy and per-layer hit rates for one cell of ``grid``.
 
-    The trials run in batches of ``TOKENS_PER_BATCH`` tokens, as in the needle evaluation.
+    The trials run in batches of :func:`rows_per_batch`, as in the needle evaluation.
     """
     prompts, facts = cell_needles(haystack, length, depth, grid.trials, grid.seed)
     answers = np.stack([encode(fact.answer) for fact in facts])
@@ -129,8 +129,7 @@ def diagnose_cell(
     span = value_span(length, depth, facts[0].value_offset)  # keys, hence offsets, have one length
     blocks = blocks_of(span, layers[0].params.l_sel)
     correct, oracle, holds = [], [], []
-    batch = max(1, TOKENS_PER_BATCH // length)
-    for chunk in torch.split(tokens, batch):
+    for chunk in torch.split(tokens, rows_per_batch(length)):
         chunk = chunk.to(device)
         with eval_autocast(device), layer_inputs(layers) as seen:
             correct.append(teacher_forced_correct(model, chunk, prompt_len))
