@@ -23,7 +23,11 @@ BRANCHES = ("cmp", "slc", "win")
 IMPLS = ("auto", "torch", "triton")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-DATA_SOURCES = ("builtin", "text", "json", "parquet", "hub")
+DATA_SOURCES = ("builtin", "python_source", "text", "json", "parquet", "hub")
+TOKENIZERS = ("byte", "bpe")
+# A byte-level BPE starts from the 256 bytes and the end-of-document id: a vocabulary
+# must have room for at least one merge beyond them.
+MIN_BPE_VOCAB = 258
 
 
 class ConfigError(ValueError):
@@ -71,11 +75,18 @@ class AttnConfig:
 class DataConfig:
     """Corpus, tokenizer and batching."""
 
-    source: str = "builtin"  # builtin | text | json | parquet | hub
-    path: str | None = None  # file/glob for local sources, dataset id for hub
+    source: str = "builtin"  # builtin | python_source | text | json | parquet | hub
+    # file/glob for local sources, dataset id for hub; for python_source an optional
+    # directory read as the site-packages (default: this interpreter's stdlib + site-packages)
+    path: str | None = None
     name: str | None = None  # hub dataset configuration
     split: str = "train"
     text_field: str = "text"
+    # Token cache (memory-mapped token files, reused across runs and DDP ranks);
+    # None: a folder "token_cache" beside the MLflow store (or in the working directory).
+    cache_dir: str | None = None
+    tokenizer: str = "byte"  # byte | bpe (byte-level BPE trained on the training split)
+    vocab_size: int = 4096  # bpe only: vocabulary size, bytes and end-of-document included
     val_path: str | None = None  # explicit validation file; else a held-out tail
     val_fraction: float = 0.05
     seq_len: int = 256
@@ -94,6 +105,8 @@ class TrainConfig:
     """Optimisation, hardware and checkpointing."""
 
     max_steps: int = 1000
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    compile: bool = False  # torch.compile the model (see the README for the variants it covers)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -261,7 +274,20 @@ def _validate_data(dc: DictConfig, m: DictConfig) -> None:
     _require(
         dc.source in DATA_SOURCES, "data.source", dc.source, f"must be one of {list(DATA_SOURCES)}"
     )
-    if dc.source != "builtin":
+    _require(
+        dc.tokenizer in TOKENIZERS,
+        "data.tokenizer",
+        dc.tokenizer,
+        f"must be one of {list(TOKENIZERS)}",
+    )
+    if dc.tokenizer == "bpe":
+        _require(
+            dc.vocab_size >= MIN_BPE_VOCAB,
+            "data.vocab_size",
+            dc.vocab_size,
+            f"must be >= {MIN_BPE_VOCAB} (256 byte tokens + end-of-document + at least one merge)",
+        )
+    if dc.source not in ("builtin", "python_source"):
         _require(
             dc.path is not None, "data.path", dc.path, f"is required for data.source={dc.source}"
         )
@@ -311,7 +337,9 @@ def _validate_curriculum(dc: DictConfig) -> None:
 
 
 def _validate_train(t: DictConfig) -> None:
-    _require_positive(t, "train", ("max_steps", "val_every", "val_batches", "log_every"))
+    _require_positive(
+        t, "train", ("max_steps", "accumulate", "val_every", "val_batches", "log_every")
+    )
     _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
