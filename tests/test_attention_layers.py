@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nsa_lab.attention import build_attention, list_variants
-from nsa_lab.attention.nsa import auto_impl
+from nsa_lab.attention.impl import auto_impl
 from nsa_lab.attention.rope import apply_rope, rope_tables
 from nsa_lab.attention.topk import true_block_mass
 from nsa_lab.config import ConfigError, load_config

@@ -1,5 +1,6 @@
 """The Triton NSA path end to end: every branch subset against the loop reference, and
-the NSA layer with ``attn.impl=triton`` against ``attn.impl=torch`` (phi and gates included).
+the NSA and window layers with ``attn.impl=triton`` against ``attn.impl=torch`` (phi and
+gates included).
 
 Runs on the GPU when there is one, else under Triton's CPU interpreter.
 """
@@ -100,8 +101,8 @@ def _tensors(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("q", "gates")}
 
 
-@pytest.mark.parametrize("name", ["nsa", "nsa_no_cmp", "nsa_shared_kv"])
-def test_nsa_layer_triton_matches_torch_including_phi_and_gate_grads(name):
+@pytest.mark.parametrize("name", ["nsa", "nsa_no_cmp", "nsa_shared_kv", "window"])
+def test_layer_triton_matches_torch_including_phi_and_gate_grads(name):
     overrides = [
         f"attn.name={name}",
         "model.d_model=64",

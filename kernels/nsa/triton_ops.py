@@ -41,6 +41,26 @@ def window_branch(
     return o
 
 
+def sliding_window_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, scale: float | None = None
+) -> torch.Tensor:
+    """The ``window`` variant's attention through the range kernel; as
+    ``torch_ops.sliding_window_attention``, in the autocast dtype (see
+    :func:`nsa_attention_triton`), so the baseline that ablations compare against runs
+    on the same fast path as NSA's own window branch."""
+    dtype = kernel_dtype(q)
+    o, _ = range_attention(
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        stride=1,
+        offset=0,
+        window=w,
+        scale=softmax_scale(q, scale),
+    )
+    return o
+
+
 def selection_branch(
     q: torch.Tensor,
     kc: torch.Tensor,

@@ -3,7 +3,7 @@
 Per active branch the layer owns key/value projections ``W_k^c, W_v^c`` (or one shared
 pair with ``attn.shared_kv``), compression MLPs ``phi_K, phi_V`` and a sigmoid gate per
 query head and branch; the attention itself is an op from ``nsa_lab.kernels.nsa``,
-picked once by :func:`nsa_op_for`.
+picked once by :func:`~nsa_lab.attention.impl.op_for`.
 
 RoPE choice: queries and every branch's keys are rotated *before* compression and
 attention. Selection and window attention then see ordinary rotary keys, and the
@@ -19,70 +19,21 @@ created at all.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from nsa_lab.attention.base import AttentionBase
+from nsa_lab.attention.impl import op_for
 from nsa_lab.attention.registry import register
-from nsa_lab.config import ConfigError
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams
 from nsa_lab.kernels.nsa.torch_ops import nsa_attention, selected_blocks
 
 # Hidden width of the compression MLP, in multiples of head_dim: a bottleneck between
 # the flattened block (l * head_dim) and the compressed token (head_dim).
 PHI_HIDDEN_MULT = 4
-
-NSAOp = Callable[..., torch.Tensor]
-
-
-def triton_runnable() -> bool:
-    """Whether the Triton kernels can run here: a CUDA GPU, or Triton's CPU interpreter."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (torch.cuda.is_available() or interpreted) and importlib.util.find_spec(
-        "triton"
-    ) is not None
-
-
-def nsa_op_for(impl: str) -> NSAOp:
-    """The NSA op behind ``attn.impl``; the one place that maps an impl to code.
-
-    ``auto`` decides per call: the Triton kernels for CUDA tensors, PyTorch otherwise
-    (the model is built on the CPU and moved to the GPU afterwards).
-    """
-    if impl == "torch":
-        return nsa_attention
-    if impl == "triton":
-        if not triton_runnable():
-            raise ConfigError(
-                "attn.impl",
-                impl,
-                "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1) and the triton "
-                "package, and this machine has none; use attn.impl=torch or auto",
-            )
-        return _triton_op()
-    return _auto_op
-
-
-def _triton_op() -> NSAOp:
-    from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton  # imports triton
-
-    return nsa_attention_triton
-
-
-def auto_impl(device: torch.device) -> str:
-    """What ``attn.impl=auto`` runs on ``device``: ``triton`` on CUDA, ``torch`` elsewhere."""
-    return "triton" if device.type == "cuda" else "torch"
-
-
-def _auto_op(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    op = _triton_op() if auto_impl(q.device) == "triton" else nsa_attention
-    return op(q, *args, **kwargs)
-
 
 class BlockCompressor(nn.Module):
     """``phi``: sequence ``[B,T,G,D]`` -> one token per compression block ``[B,Nc,G,D]``.
@@ -117,7 +68,7 @@ class NSAAttention(AttentionBase):
     def __init__(self, model_cfg: Any, attn_cfg: Any) -> None:
         super().__init__(model_cfg)
         self.params = NSAParams.from_attn_cfg(attn_cfg)
-        self.nsa_op = nsa_op_for(attn_cfg.impl)
+        self.nsa_op = op_for(attn_cfg.impl, nsa_attention, "nsa_attention_triton")
         branches = self.params.branches
         self.kv_source = {c: "shared" if attn_cfg.shared_kv else c for c in BRANCHES}
         key_branches = [c for c in branches if c != "cmp"]
