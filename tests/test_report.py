@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from nsa_lab.cli import main
 from nsa_lab.config import load_config
 from nsa_lab.sweeps.cost import config_attended_tokens
-from nsa_lab.sweeps.report import PLOT_NAME
+from nsa_lab.sweeps.report import PLOT_NAME, POSITION_PLOT_NAME
+from nsa_lab.training.loss_by_position import position_buckets
 from tests.conftest import SMOKE
 from tests.test_sweep_e2e import (
     TINY,
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def table_rows(markdown: str, first_cell: str) -> dict[str, list[str]]:
-    """Rows of the markdown tables whose first cell starts with ``first_cell``."""
+    """Rows of the main markdown table whose first cell starts with ``first_cell``."""
     rows = {}
-    for line in markdown.splitlines():
+    for line in markdown.split("\n## ")[0].splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("|") and cells[0].startswith(first_cell):
             rows[cells[0] + " " + cells[3]] = cells
@@ -52,6 +53,7 @@ def test_report_of_parent_run_and_of_experiment(workdir: Path, capsys):
     markdown = capsys.readouterr().out
     assert (out / "report.md").read_text() == markdown
     assert (out / PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+    assert (out / POSITION_PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
 
     rows = table_rows(markdown, "rep-")
     assert len(rows) == 4
@@ -74,9 +76,13 @@ def test_report_of_parent_run_and_of_experiment(workdir: Path, capsys):
         assert cells[2] == "2" and cells[3] == f"{statistics.fmean(values):.4f}"
         assert cells[4:6] == [f"{min(values):.4f}", f"{max(values):.4f}"]
 
+    assert_position_table(markdown, children)
+
     client = MlflowClient(uri.partition("=")[2])
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert logged == {"report/report.md", f"report/{PLOT_NAME}"}
+    assert logged == {"report/report.md", f"report/{PLOT_NAME}", f"report/{POSITION_PLOT_NAME}"}
+    for child in children:  # each training run has its own plot of its last validation
+        assert "loss_by_position.png" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
     assert main(["report", "rep", uri]) == 0  # by experiment: its own "report" run
     assert len(table_rows(capsys.readouterr().out, "rep-")) == 4
@@ -86,6 +92,21 @@ def test_report_of_parent_run_and_of_experiment(workdir: Path, capsys):
     assert len(reports) == 1 and reports[0].info.status == "FINISHED"
     assert main(["report", "rep", uri]) == 0  # a report run is not itself reported
     assert len(table_rows(capsys.readouterr().out, "rep")) == 4
+
+
+def assert_position_table(markdown: str, children) -> None:
+    """The loss-by-position table holds each run's last logged value of every bucket."""
+    buckets = position_buckets(int(children[0].data.params["data.seq_len"]))
+    section = markdown.split("## Validation loss by position")[1]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    assert [c.strip() for c in lines[0].strip("|").split("|")][3:] == [b.label for b in buckets]
+    for child in children:
+        [line] = [ln for ln in lines if ln.startswith(f"| {child.info.run_name} |")]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        metrics = child.data.metrics
+        assert cells[3:] == [f"{metrics[b.metric]:.4f}" for b in buckets]
+        weighted = sum(b.size * metrics[b.metric] for b in buckets) / buckets[-1].end
+        assert weighted == pytest.approx(metrics["val/loss"], rel=1e-5)
 
 
 def test_report_of_unknown_target_is_a_clear_error(workdir: Path, capsys):

@@ -1,14 +1,17 @@
 """``nsa-lab report``: compare the runs of an experiment or of a sweep's parent run.
 
 Writes a markdown table (final validation loss, needle accuracy when logged, training
-tokens/s, attended tokens per query) and, when runs repeat a config over seeds, a
-summary per config; plus one plot of every run's validation-loss curve. Both go to
-stdout / ``--out`` and into MLflow: under ``report/`` of the parent run, or of a new run
-named ``report`` (tag ``sweep.kind=report``) when the target is an experiment.
+tokens/s, attended tokens per query), when runs repeat a config over seeds a summary
+per config, and when runs logged it a table of the last validation's loss by position
+bucket; plus one plot of every run's validation-loss curve and one of every run's loss
+by position. All go to stdout / ``--out`` and into MLflow: under ``report/`` of the
+parent run, or of a new run named ``report`` (tag ``sweep.kind=report``) when the target
+is an experiment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -25,7 +28,8 @@ from mlflow.tracking import MlflowClient
 from nsa_lab.config import ConfigError
 from nsa_lab.sweeps.cost import AttnShape, attended_tokens_per_query
 from nsa_lab.tracking.mlflow_run import RUN_ID
-from nsa_lab.tracking.plots import plot_loss_curves
+from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
+from nsa_lab.training.loss_by_position import PositionBucket, logged_losses_by_position
 
 NEEDLE_METRIC = "needle/acc"
 NOT_COMPARED = ("study", "report")  # sweep.kind of runs that are not trainings
@@ -40,6 +44,7 @@ GROUP_IGNORED = (
     "train.resume",
 )
 PLOT_NAME = "val_loss_curves.png"
+POSITION_PLOT_NAME = "loss_by_position.png"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class RunRow:
     state: str
     group: tuple[tuple[str, str], ...]
     val_curve: tuple[tuple[int, float], ...]
+    by_position: tuple[tuple[PositionBucket, float], ...]  # the last validation's
 
 
 def write_report(target: str, tracking_uri: str, out_dir: str | None = None) -> str:
@@ -71,6 +77,8 @@ def write_report(target: str, tracking_uri: str, out_dir: str | None = None) -> 
         folder = Path(tmp)
         (folder / "report.md").write_text(markdown)
         plot_val_curves(rows, folder / PLOT_NAME)
+        if any(r.by_position for r in rows):
+            plot_position_curves(rows, folder / POSITION_PLOT_NAME)
         run_id = parent_id or _report_run(client, experiment_id)
         client.log_artifacts(run_id, tmp, artifact_path="report")
         if parent_id is None:
@@ -127,7 +135,15 @@ def run_row(client: MlflowClient, run: Run) -> RunRow:
         state=tags.get("sweep.outcome", run.info.status.lower()),
         group=tuple(sorted((k, v) for k, v in params.items() if k not in GROUP_IGNORED)),
         val_curve=tuple((m.step, m.value) for m in val_history),
+        by_position=tuple(_by_position(metrics, params)),
     )
+
+
+def _by_position(
+    metrics: Mapping[str, float], params: Mapping[str, str]
+) -> list[tuple[PositionBucket, float]]:
+    seq_len = params.get("data.seq_len", "")
+    return logged_losses_by_position(metrics, int(seq_len)) if seq_len.isdigit() else []
 
 
 def _blocks(params: Mapping[str, str]) -> str:
@@ -183,7 +199,32 @@ def render_markdown(target: str, rows: Sequence[RunRow], left_out: int = 0) -> s
     summary = _summary(rows)
     if summary:
         lines += ["", "## Per config, over seeds", "", *_table(summary)]
+    by_position = _position_table(rows)
+    if by_position:
+        lines += [
+            "",
+            "## Validation loss by position",
+            "",
+            "Last validation of each run, mean loss of the target positions in each bucket "
+            "(val/loss_pos/*, nats per token).",
+            "",
+            *_table(by_position),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _position_table(rows: Sequence[RunRow]) -> list[list[str]]:
+    """One line per run that logged loss by position, a column per bucket any run has."""
+    logged = [r for r in rows if r.by_position]
+    if not logged:
+        return []
+    buckets = sorted({b for r in logged for b, _ in r.by_position}, key=lambda b: (b.start, b.end))
+    table = [["run", "variant", "seed", *(b.label for b in buckets)]]
+    for r in logged:
+        values = dict(r.by_position)
+        cells = [_fmt(values.get(b), ".4f") for b in buckets]
+        table.append([r.name, r.variant, r.seed, *cells])
+    return table
 
 
 def _summary(rows: Sequence[RunRow]) -> list[list[str]]:
@@ -229,21 +270,38 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def plot_val_curves(rows: Sequence[RunRow], path: Path) -> None:
-    """Every run's validation loss on one axes, labelled by variant (or blocks) and seed.
+    """Every run's validation loss on one axes, labelled as :func:`_curve_labels` says."""
+    curves = {label: {"val/loss": list(r.val_curve)} for label, r in _curve_labels(rows)}
+    with _paired_colours():
+        plot_loss_curves(curves, path)
 
-    Curves go in (config, seed) order through matplotlib's paired ``tab20`` colours, so
-    the seeds of one config share a hue (dark, light) and 14 ablation runs stay distinct.
-    """
+
+def plot_position_curves(rows: Sequence[RunRow], path: Path) -> None:
+    """Every run's last loss by position on one axes, labelled and coloured like the
+    validation curves."""
+    curves = {label: list(r.by_position) for label, r in _curve_labels(rows) if r.by_position}
+    with _paired_colours():
+        plot_loss_by_position(curves, path)
+
+
+def _curve_labels(rows: Sequence[RunRow]) -> list[tuple[str, RunRow]]:
+    """Runs in (config, seed) order, labelled by variant (or blocks) and seed, unique."""
     one_variant = len({r.variant for r in rows}) == 1
-    curves = {}
+    labelled: dict[str, RunRow] = {}
     for r in sorted(rows, key=lambda r: (r.variant, r.blocks, r.seed)):
         name = r.blocks if one_variant and r.blocks != "-" else r.variant
         label = f"{name} s{r.seed}"
-        label = f"{label} ({r.name})" if label in curves else label
-        curves[label] = {"val/loss": list(r.val_curve)}
-    paired = cycler(color=matplotlib.colormaps["tab20"].colors)
-    with matplotlib.rc_context({"axes.prop_cycle": paired}):
-        plot_loss_curves(curves, path)
+        label = f"{label} ({r.name})" if label in labelled else label
+        labelled[label] = r
+    return list(labelled.items())
+
+
+def _paired_colours() -> contextlib.AbstractContextManager:
+    """Matplotlib's paired ``tab20`` colours: in :func:`_curve_labels` order, the seeds of
+    one config share a hue (dark, light) and 14 ablation runs stay distinct."""
+    return matplotlib.rc_context(
+        {"axes.prop_cycle": cycler(color=matplotlib.colormaps["tab20"].colors)}
+    )
 
 
 def _report_run(client: MlflowClient, experiment_id: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from nsa_lab.config import flatten, to_yaml
-from nsa_lab.tracking.plots import plot_loss_curves
+from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
+from nsa_lab.training.loss_by_position import logged_losses_by_position
 
 # What an MLflow run id looks like: lets the CLI tell a run id from a path or a name.
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -74,14 +75,32 @@ def log_config(logger: MLFlowLogger, cfg: DictConfig, extra: dict[str, object]) 
 
 
 def log_loss_curves(client: MlflowClient, run_id: str) -> None:
-    """Plot the run's train and validation loss histories into ``loss_curve.png``."""
+    """The run's figures at the end of training: train and validation loss against step
+    (``loss_curve.png``) and the last validation's loss by position (``loss_by_position.png``,
+    when the run logged it)."""
     histories = {
         key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
         for key in ("train/loss", "val/loss")
     }
+    _log_figure(client, run_id, "loss_curve.png", lambda p: plot_loss_curves({"": histories}, p))
+    run = client.get_run(run_id)
+    seq_len = run.data.params.get("data.seq_len")
+    by_position = logged_losses_by_position(run.data.metrics, int(seq_len)) if seq_len else []
+    if by_position:
+        label = f"step {max(step for step, _ in histories['val/loss'])}"
+        _log_figure(
+            client,
+            run_id,
+            "loss_by_position.png",
+            lambda p: plot_loss_by_position({label: by_position}, p),
+        )
+
+
+def _log_figure(client: MlflowClient, run_id: str, name: str, draw: Callable[[Path], None]) -> None:
+    """Draw into ``name`` in a scratch folder and log it as a top-level artifact."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "loss_curve.png"
-        plot_loss_curves({"": histories}, path)
+        path = Path(tmp) / name
+        draw(path)
         client.log_artifact(run_id, str(path))
 
 

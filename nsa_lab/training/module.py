@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from nsa_lab.data.needle import answer_mask
 from nsa_lab.models.transformer import GQATransformer
 from nsa_lab.training.callbacks import writes_logs
+from nsa_lab.training.loss_by_position import bucket_means, position_buckets
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -46,7 +47,8 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.cfg: DictConfig = OmegaConf.create(config)
         self.model = GQATransformer(self.cfg.model, self.cfg.attn, vocab_size)
-        self._val_loss_sum = torch.zeros(())
+        self._val_buckets = position_buckets(self.cfg.data.seq_len)
+        self._val_sums = torch.zeros(1 + len(self._val_buckets))
         self._val_count = 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -94,27 +96,36 @@ class LanguageModel(L.LightningModule):
             self.log("train/answer_acc", hits.float().mean())
 
     def on_validation_epoch_start(self) -> None:
-        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_sums = torch.zeros(1 + len(self._val_buckets), device=self.device)
         self._val_count = 0
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Adds this batch's mean loss, whole and per position bucket, once per sequence.
+
+        Validation windows are ``data.seq_len`` long, so the buckets cover every position.
+        """
         inputs, targets = batch
-        loss = next_token_loss(self.model(inputs), targets)
-        self._val_loss_sum += loss.detach() * inputs.shape[0]
+        losses = token_losses(self.model(inputs), targets)
+        means = torch.cat([losses.mean()[None], bucket_means(losses, self._val_buckets)])
+        self._val_sums += means.detach() * inputs.shape[0]
         self._val_count += inputs.shape[0]
 
     def on_validation_epoch_end(self) -> None:
-        # Sequence-weighted mean over all ranks, so the last partial batch and
-        # uneven shards count exactly once per sequence.
-        totals = torch.stack(
-            [self._val_loss_sum, torch.tensor(float(self._val_count), device=self.device)]
-        )
-        totals = self.all_gather(totals)
+        """Logs ``val/loss``, ``val/ppl`` and ``val/loss_pos/<bucket>`` for every bucket.
+
+        Sequence-weighted means over all ranks (one all-gather), so the last partial
+        batch and uneven shards count exactly once per sequence; since every sequence
+        has every position, the bucket means weighted by bucket size give ``val/loss``.
+        """
+        count = torch.tensor([float(self._val_count)], device=self.device)
+        totals = self.all_gather(torch.cat([self._val_sums, count]))
         if totals.ndim == 2:
             totals = totals.sum(0)
-        val_loss = totals[0] / totals[1].clamp_min(1)
-        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+        means = totals[:-1] / totals[-1].clamp_min(1)
+        self.log("val/loss", means[0], prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(means[0]), rank_zero_only=True)
+        for bucket, value in zip(self._val_buckets, means[1:], strict=True):
+            self.log(bucket.metric, value, rank_zero_only=True)
 
     def configure_optimizers(self):
         t = self.cfg.train
