@@ -22,6 +22,7 @@ from nsa_lab.config import ConfigError, DataConfig
 from nsa_lab.data.corpus import DocumentSource, corpus_sources, token_stream
 from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
 from nsa_lab.data.needle import OVERHEAD_TOKENS
+from nsa_lab.data.order import ResumableLoader, batches_trained, data_parallel_share
 from nsa_lab.data.tokenizer import ByteTokenizer
 
 
@@ -83,10 +84,11 @@ class NSADataModule(LightningDataModule):
     ``(input_ids, targets)``, both ``LongTensor[batch_size, seq_len]``.
     """
 
-    def __init__(self, data_cfg: DictConfig | DataConfig, seed: int) -> None:
+    def __init__(self, data_cfg: DictConfig | DataConfig, seed: int, accumulate: int = 1) -> None:
         super().__init__()
         self.cfg = data_cfg
         self.seed = seed
+        self.accumulate = accumulate  # training batches per optimizer step (train.accumulate)
         self.tokenizer = ByteTokenizer()
         self.train_source, self.val_source = corpus_sources(data_cfg)
         self.train_set: PackedExamples | TrainingMix | None = None
@@ -161,30 +163,33 @@ class NSADataModule(LightningDataModule):
             examples, self.cfg.needle_fraction, self.seed, self.cfg.curriculum_seq_len
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled in an order fixed by ``seed``; incomplete last batch dropped.
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled in an order fixed by ``seed``, split between processes, resumable mid-epoch.
 
-        With needles or the curriculum the order comes from :class:`EpochShuffle`, which
-        tells the mix which epoch it serves (each epoch draws new needles; the curriculum
-        ends with an epoch). The curriculum's length in epochs is fixed here, once the
-        number of processes sharing the data is known.
+        The order is :class:`EpochShuffle`'s, which also tells the mix which epoch it serves
+        (each epoch draws new needles; the curriculum ends with an epoch); the checkpoint
+        keeps where in it training stands, so ``train.resume`` goes on with the very next
+        batch. Incomplete last batches are dropped. The curriculum's length in epochs is fixed
+        here, once the number of processes sharing the data is known.
         """
         examples = self._built(self.train_set)
-        if isinstance(examples, TrainingMix):
-            world_size = self.trainer.world_size if self.trainer is not None else 1
+        replicas, rank = data_parallel_share(self.trainer)
+        mixed = isinstance(examples, TrainingMix)
+        if mixed:
             examples.short_epochs = curriculum_epochs(
-                self.cfg.curriculum_steps, len(examples), self.cfg.batch_size, world_size
+                self.cfg.curriculum_steps,
+                len(examples),
+                self.cfg.batch_size,
+                replicas,
+                self.accumulate,
             )
-            order = {"sampler": EpochShuffle(len(examples), self.seed)}
-        else:
-            order = {"shuffle": True, "generator": torch.Generator().manual_seed(self.seed)}
-        return DataLoader(
+        return ResumableLoader(
             examples,
-            batch_size=self.cfg.batch_size,
-            drop_last=True,
+            EpochShuffle(len(examples), self.seed, replicas, rank, tag_epoch=mixed),
+            self.cfg.batch_size,
+            batches_done=lambda: batches_trained(self.trainer),
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
-            **order,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -16,19 +16,22 @@ the index it hands out:
 
 Everything is a function of ``(seed, index)``, so the stream is the same on every
 run with that seed, each epoch brings new needles, and data-loader workers need
-no shared state.
+no shared state. The order is a function of ``(seed, epoch)`` (:class:`EpochShuffle`,
+used with or without the mix), which is what lets a run resume at its very next
+batch (:mod:`nsa_lab.data.order` keeps the position in the checkpoint).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from nsa_lab.data.needle import OVERHEAD_TOKENS, TRAIN_STREAM, stream_rng, training_sample
 
@@ -100,36 +103,98 @@ class TrainingMix(Dataset[tuple[Tensor, Tensor]]):
         return self.base.n_target_tokens
 
 
-def curriculum_epochs(steps: int, n_examples: int, batch_size: int, world_size: int) -> int:
+def curriculum_epochs(
+    steps: int, n_examples: int, batch_size: int, world_size: int, accumulate: int = 1
+) -> int:
     """Whole epochs that cover ``steps`` optimizer steps (the data changes at epoch ends).
 
     Each of ``world_size`` processes gets ``ceil(n / world_size)`` examples per epoch and
-    drops its last incomplete batch, as Lightning's distributed sampler and the loader do.
+    drops its last incomplete batch, as :class:`EpochShuffle` and the loader do. An optimizer
+    step takes ``accumulate`` of those batches, and Lightning also steps on the last,
+    partial group of an epoch, so an epoch holds ``ceil(batches / accumulate)`` steps.
     """
     if steps == 0:
         return 0
-    steps_per_epoch = max(1, math.ceil(n_examples / world_size) // batch_size)
+    batches_per_epoch = max(1, math.ceil(n_examples / world_size) // batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     return math.ceil(steps / steps_per_epoch)
 
 
-class EpochShuffle(Sampler[int]):
-    """A seeded permutation of ``range(n)`` per epoch, offset by ``epoch * n``.
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where in the training order a run stands.
 
-    Lightning calls :meth:`set_epoch` before each epoch (directly, or through its
-    distributed wrapper), so :class:`TrainingMix` sees which draw of an example it serves.
+    ``position`` counts the examples of epoch ``epoch``'s order that all processes together
+    have consumed, so a run can resume on another number of processes or batch size;
+    ``batches`` is how many batches each process had trained on in that epoch, the count the
+    trainer goes on from.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    epoch: int
+    position: int
+    batches: int
+
+
+class EpochShuffle(DistributedSampler):
+    """One process's share of a seeded permutation of ``range(n)`` per epoch, resumable
+    mid-epoch.
+
+    Epoch ``e``'s order is drawn from ``(seed, e)`` alone, so any epoch can be recomputed on
+    its own. Process ``rank`` of ``replicas`` takes the order's positions ``rank``,
+    ``rank + replicas``, ..., wrapping round to the start so that every process gets
+    ``ceil(n / replicas)`` examples, as torch's ``DistributedSampler`` pads. Being one,
+    Lightning leaves it in place under DDP instead of wrapping it, so the split is ours and
+    :meth:`resume` can start every process at its own next example of the epoch: the
+    consumed positions are skipped as indices, and no skipped example is ever loaded.
+
+    Lightning calls :meth:`set_epoch` before each epoch. With ``tag_epoch`` (for
+    :class:`TrainingMix`) indices are offset by ``epoch * n``, so the mix sees which draw
+    of an example it serves.
+    """
+
+    def __init__(
+        self, n: int, seed: int, replicas: int = 1, rank: int = 0, tag_epoch: bool = True
+    ) -> None:
+        super().__init__(range(n), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
         self.n = n
-        self.seed = seed
-        self.epoch = 0
+        self.tag_epoch = tag_epoch
+        self.resumed_at = ResumePoint(epoch=0, position=0, batches=0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def resume(self, point: ResumePoint, batch_size: int) -> None:
+        """Serve ``point.epoch`` from ``point.position`` of its order on.
 
-    def __len__(self) -> int:
-        return self.n
+        An epoch that has no full batch of ``batch_size`` left for this process is over, and
+        the next one is served from its start: the epoch is set here, before the loader draws
+        indices (which, with workers, it does as soon as it is iterated).
+        """
+        if self.examples_from(point.position) < batch_size:
+            point = ResumePoint(epoch=point.epoch + 1, position=0, batches=0)
+        self.resumed_at = point
+        self.set_epoch(point.epoch)
+
+    def reached(self, batches: int, batch_size: int) -> ResumePoint:
+        """Where the current epoch stands once this process has trained on ``batches`` batches
+        of ``batch_size`` in it (counted from the epoch's beginning, resumed ones included)."""
+        start = self.start
+        consumed = (batches - start.batches) * batch_size * self.num_replicas
+        return ResumePoint(epoch=self.epoch, position=start.position + consumed, batches=batches)
+
+    @property
+    def start(self) -> ResumePoint:
+        """Where the current epoch started: its resume point, or its beginning."""
+        if self.resumed_at.epoch == self.epoch:
+            return self.resumed_at
+        return ResumePoint(epoch=self.epoch, position=0, batches=0)
+
+    def examples_from(self, position: int) -> int:
+        """Examples this process draws in an epoch served from ``position`` on."""
+        return max(0, math.ceil((self.n - position) / self.num_replicas))
 
     def __iter__(self) -> Iterator[int]:
         order = stream_rng(ORDER_STREAM, self.seed, self.epoch).permutation(self.n)
-        return iter((order + self.epoch * self.n).tolist())
+        start = self.start.position
+        positions = start + self.rank + self.num_replicas * np.arange(self.examples_from(start))
+        indices = order[positions % self.n]
+        if self.tag_epoch:
+            indices += self.epoch * self.n
+        return iter(indices.tolist())

@@ -53,7 +53,7 @@ def train(
     """
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     resume_path = resolve_resume(cfg)  # also fixes cfg.tracking.run_name
-    data = NSADataModule(cfg.data, cfg.train.seed)
+    data = NSADataModule(cfg.data, cfg.train.seed, accumulate=cfg.train.accumulate)
     data.setup("fit")  # data errors surface before a run is created
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
 
