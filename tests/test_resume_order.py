@@ -5,6 +5,9 @@ under DDP; and gradient accumulation keeps the curriculum's length in optimizer 
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +15,14 @@ import lightning as L
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import DataConfig, load_config
 from nsa_lab.data import NSADataModule
 from nsa_lab.data.mix import EpochShuffle, ResumePoint, TrainingMix, curriculum_epochs
 from nsa_lab.data.order import ResumableLoader
-from nsa_lab.training.run import train
-from tests.conftest import SMOKE
+from nsa_lab.training.run import TrainResult, train
+from tests.conftest import REPO, SMOKE
 
 BATCH = 4
 
@@ -242,6 +245,48 @@ class RecordBatches(L.Callback):
         self.seen.append(hashlib.sha1(batch[0].numpy().tobytes()).hexdigest())
 
 
+E2E_STEPS, E2E_KILL = 12, 5  # over the 7 batches of an epoch: the resume crosses into epoch 1
+
+
+def e2e_config(workdir: Path, run_name: str, *overrides: str) -> DictConfig:
+    """A tiny run on ``workdir/corpus.txt`` (7 batches of 4 x 64 tokens per epoch)."""
+    return load_config(
+        [SMOKE],
+        [
+            f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+            f"train.ckpt_dir={workdir / 'ckpt'}",
+            f"tracking.run_name={run_name}",
+            "data.source=text",
+            f"data.path={workdir / 'corpus.txt'}",
+            f"data.cache_dir={workdir / 'cache'}",
+            f"data.batch_size={BATCH}",
+            "attn.name=full",
+            "model.n_layers=1",
+            f"train.max_steps={E2E_STEPS}",
+            "train.val_every=4",
+            "train.val_batches=1",
+            "train.log_every=4",
+            *overrides,
+        ],
+    )
+
+
+def straight_and_resumed(
+    workdir: Path, hook: str, *overrides: str
+) -> tuple[list[str], list[str], TrainResult]:
+    """The batches this process trained on in an uninterrupted run, and in a run killed at
+    step ``E2E_KILL`` plus its resumption (``train.resume=true``), and the resumed result."""
+    straight, killed, resumed = RecordBatches(), RecordBatches(), RecordBatches()
+    train(e2e_config(workdir, "straight", *overrides), callbacks=[straight])
+    with pytest.raises(Kill):
+        train(e2e_config(workdir, "killed", *overrides), callbacks=[killed, KillAt(E2E_KILL, hook)])
+    assert (workdir / "ckpt" / "killed" / "on_exception.ckpt").is_file()
+    result = train(
+        e2e_config(workdir, "killed", "train.resume=true", *overrides), callbacks=[resumed]
+    )
+    return straight.seen, killed.seen + resumed.seen, result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("hook", "extra"),
@@ -252,45 +297,47 @@ class RecordBatches(L.Callback):
     ids=["plain-killed-before-a-step", "mixed-workers-killed-after-a-step"],
 )
 def test_a_run_killed_mid_epoch_resumes_with_the_very_next_batch(workdir: Path, hook, extra):
-    corpus = write_corpus(workdir, 320)  # 7 batches of 4 x 64 tokens per epoch
-    steps, kill = 12, 5
-
-    def config(run_name: str, *more: str):
-        return load_config(
-            [SMOKE],
-            [
-                f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-                f"train.ckpt_dir={workdir / 'ckpt'}",
-                f"tracking.run_name={run_name}",
-                "data.source=text",
-                f"data.path={corpus}",
-                f"data.cache_dir={workdir / 'cache'}",
-                f"data.batch_size={BATCH}",
-                "attn.name=full",
-                "model.n_layers=1",
-                f"train.max_steps={steps}",
-                "train.val_every=4",
-                "train.val_batches=1",
-                "train.log_every=4",
-                *extra,
-                *more,
-            ],
-        )
-
-    straight = RecordBatches()
-    train(config("straight"), callbacks=[straight])
-    assert len(straight.seen) == steps
-
-    killed = RecordBatches()
-    with pytest.raises(Kill):
-        train(config("killed"), callbacks=[killed, KillAt(kill, hook)])
-    assert (workdir / "ckpt" / "killed" / "on_exception.ckpt").is_file()
-    resumed_part = RecordBatches()
-    resumed = train(config("killed", "train.resume=true"), callbacks=[resumed_part])
-
-    assert killed.seen + resumed_part.seen == straight.seen
-    assert resumed.global_step == steps
+    write_corpus(workdir, 320)
+    straight, killed_and_resumed, resumed = straight_and_resumed(workdir, hook, *extra)
+    assert len(straight) == E2E_STEPS
+    assert killed_and_resumed == straight
+    assert resumed.global_step == E2E_STEPS
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke").experiment_id
     runs = client.search_runs([experiment], "tags.`mlflow.runName` = 'killed'")
     assert [r.info.run_id for r in runs] == [resumed.run_id]
+
+
+DDP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.test_resume_order import straight_and_resumed
+
+workdir = Path(sys.argv[2])
+straight, resumed, result = straight_and_resumed(workdir, "start", *sys.argv[3:])
+rank = os.environ.get("LOCAL_RANK", "0")
+record = {"straight": straight, "resumed": resumed, "step": result.global_step}
+(workdir / f"rank{rank}.json").write_text(json.dumps(record))
+"""
+
+
+@pytest.mark.slow
+def test_each_ddp_process_resumes_at_its_own_next_batch(workdir: Path):
+    write_corpus(workdir, 320)
+    script = workdir / "ddp_resume.py"
+    script.write_text(DDP_SCRIPT)
+    ddp = ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REPO), str(workdir), *ddp],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((workdir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert len(rank["straight"]) == E2E_STEPS and rank["step"] == E2E_STEPS
+        assert rank["resumed"] == rank["straight"]
+    assert not set(ranks[0]["straight"][:3]) & set(ranks[1]["straight"][:3])
