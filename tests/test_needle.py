@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from nsa_lab.config import ConfigError, DataConfig
+from nsa_lab.config import ConfigError, DataConfig, load_config
 from nsa_lab.data import NSADataModule, PackedExamples
 from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
 from nsa_lab.data.needle import (
@@ -28,17 +28,21 @@ from nsa_lab.data.needle import (
     stream_rng,
     training_sample,
 )
+from nsa_lab.evaluation import needle as needle_eval
 from nsa_lab.evaluation.needle import (
     cell_needles,
     default_lengths,
     evaluate_model,
     exact_match,
+    greedy_answers,
     greedy_continuation,
     make_grid,
     parse_depths,
     parse_lengths,
 )
 from nsa_lab.evaluation.results import CellResult, NeedleResults, markdown_table, write_results
+from nsa_lab.models import GQATransformer
+from tests.test_attention_layers import SMALL as LAYER_SMALL
 
 FACT_RE = re.compile(r"The pass key of ([A-Za-z]+) is #(\d+)\.")
 QA_RE = re.compile(r"Q: the pass key of ([A-Za-z]+) is #(\d+)\.")
@@ -209,7 +213,7 @@ def test_datamodule_mixes_needles_into_training_only():
     plain.setup()
     mixed.setup()
     assert isinstance(mixed.train_set, TrainingMix) and isinstance(plain.train_set, PackedExamples)
-    assert torch.equal(mixed.val_set.tokens, plain.val_set.tokens)
+    assert np.array_equal(np.asarray(mixed.val_set.tokens), np.asarray(plain.val_set.tokens))
     assert mixed.n_train_tokens == plain.n_train_tokens
     loader = mixed.train_dataloader()
     assert isinstance(loader.sampler, EpochShuffle)
@@ -248,30 +252,93 @@ def test_exact_match_needs_the_digits_and_the_full_stop():
     assert not exact_match("004218.", fact)
 
 
+def tail(logits: torch.Tensor, last_positions: int | None) -> torch.Tensor:
+    """What ``GQATransformer(idx, last_positions)`` returns, given the full logits."""
+    return logits if last_positions is None else logits[:, logits.shape[1] - last_positions :]
+
+
 class NextByte(nn.Module):
     """Predicts ``last token + 1``: a model whose greedy output is known in advance."""
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return nn.functional.one_hot((idx + 1) % 257, 257).float()
+    def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
+        return tail(nn.functional.one_hot((idx + 1) % 257, 257).float(), last_positions)
 
 
 class Oracle(nn.Module):
     """Reads the needle's value off the prompt: the answer a perfect retriever gives."""
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
         logits = torch.zeros(*idx.shape, 257)
         for b, row in enumerate(idx.tolist()):
             text = text_of(row)
             value = FACT_RE.search(text).group(2) + "."
             done = len(text) - text.rindex("#") - 1
             logits[b, -1, ord(value[done])] = 1.0
-        return logits
+        return tail(logits, last_positions)
+
+
+class FullLogits(nn.Module):
+    """``model`` computing the logits of every position and slicing afterwards: the
+    memory-hungry path that ``last_positions`` replaces."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
+        return tail(self.model(idx), last_positions)
+
+
+def long_context_model(length: int, variant: str = "nsa") -> GQATransformer:
+    """A tiny float64 model for contexts of ``length``; NSA's selection is sparse at any
+    length over 24 (3 blocks of 8), the window spans 12 tokens.
+
+    On the CPU the PyTorch NSA op takes seconds a forward pass at 1024 tokens, the window
+    a tenth of that.
+    """
+    cfg = load_config(
+        overrides=[
+            *LAYER_SMALL,
+            f"attn.name={variant}",
+            "attn.impl=torch",
+            "model.n_layers=2",
+            f"model.max_seq_len={length}",
+            f"data.seq_len={length}",
+        ]
+    )
+    torch.manual_seed(0)
+    return GQATransformer(cfg.model, cfg.attn, 257).double().eval()
 
 
 def test_greedy_continuation_appends_the_argmax_token_by_token():
     prompts = torch.tensor([[10, 11], [200, 3]])
     out = greedy_continuation(NextByte(), prompts, 3)
     assert out.tolist() == [[12, 13, 14], [4, 5, 6]]
+
+
+def test_last_positions_are_the_tail_of_the_full_logits():
+    model = long_context_model(64)
+    idx = torch.randint(0, 257, (2, 45))
+    with torch.no_grad():
+        full = model(idx)
+        torch.testing.assert_close(model(idx, last_positions=1), full[:, -1:], rtol=0, atol=1e-12)
+        torch.testing.assert_close(model(idx, last_positions=7), full[:, -7:], rtol=0, atol=1e-12)
+        assert torch.equal(model(idx, last_positions=45), full)
+        with pytest.raises(ValueError, match="last_positions=46"):
+            model(idx, last_positions=46)
+
+
+def test_long_prompts_get_the_same_answers_batched_or_not_and_with_full_logits(monkeypatch):
+    """At 1024 tokens, all trials in one forward pass, one per pass, and the full-logits
+    path generate the same tokens (NSA's batching is tested by the selection diagnosis)."""
+    length = 1024
+    model = long_context_model(length, "window")
+    prompts, _ = cell_needles(letters_haystack(3 * length), length, 0.3, trials=2, seed=0)
+    batched = greedy_answers(model, prompts, CPU)
+    assert batched.shape == (2, ANSWER_TOKENS)
+    assert torch.equal(greedy_answers(FullLogits(model), prompts, CPU), batched)
+    monkeypatch.setattr(needle_eval, "TOKENS_PER_BATCH", length)  # one prompt per forward pass
+    assert torch.equal(greedy_answers(model, prompts, CPU), batched)
 
 
 def test_evaluation_scores_a_perfect_retriever_100_and_a_blind_model_0():
@@ -286,7 +353,10 @@ def test_evaluation_scores_a_perfect_retriever_100_and_a_blind_model_0():
 
 def test_grid_defaults_follow_the_trained_length():
     assert default_lengths(1024) == (256, 512, 1024)
+    assert default_lengths(8192) == (2048, 4096, 8192)
+    assert default_lengths(16384) == (4096, 8192, 16384)
     assert default_lengths(128) == (128,)
+    assert make_grid(8192, 8192, lengths=parse_lengths("8k")).lengths == (8192,)
     grid = make_grid(1024, 1024)
     assert grid.lengths == (256, 512, 1024)
     assert grid.depths[0] == 0.0 and grid.depths[-1] == 1.0 and len(grid.depths) == 11

@@ -17,7 +17,7 @@ from nsa_lab.cli import main
 from nsa_lab.config import ConfigError, load_config
 from nsa_lab.data.needle import NeedleFact, build_sample, encode
 from nsa_lab.evaluation import needle as needle_eval
-from nsa_lab.evaluation.needle import make_grid
+from nsa_lab.evaluation.needle import cell_needles, greedy_answers, make_grid
 from nsa_lab.evaluation.selection import (
     blocks_of,
     diagnose_cell,
@@ -26,13 +26,14 @@ from nsa_lab.evaluation.selection import (
     reference_op,
     selecting_layers,
     selection_table,
+    teacher_forced_correct,
     value_span,
 )
 from nsa_lab.kernels.nsa import torch_ops
 from nsa_lab.kernels.nsa.spec import NSAParams
 from nsa_lab.training.module import LanguageModel
 from tests.test_attention_layers import SMALL as LAYER_SMALL
-from tests.test_needle import letters_haystack, text_of
+from tests.test_needle import CPU, FullLogits, letters_haystack, long_context_model, text_of
 
 SMALL = [*LAYER_SMALL, "attn.n=4", "attn.impl=torch"]
 T = 45  # 6 selection blocks of 8, n = 4: one free pick besides the 3 forced ones
@@ -134,6 +135,20 @@ def test_a_cell_counts_answers_oracle_answers_and_hits_per_layer(monkeypatch):
         assert diagnose_cell(model, layers, haystack, 256, 0.5, grid, torch.device("cpu")) == cell
     table = selection_table([cell], "t")
     assert "| 256 | 0.5 |" in table and "hit % L1" in table and "oracle" in table
+
+
+def test_teacher_forcing_accepts_exactly_the_greedy_answers():
+    """The diagnosis reads logits at the answer positions only; they agree with the greedy
+    answers of ``eval needle`` and with the logits of every position."""
+    model = long_context_model(256, "nsa")
+    prompts, _ = cell_needles(letters_haystack(1000), 256, 0.5, trials=2, seed=0)
+    tokens = torch.cat([torch.from_numpy(prompts), greedy_answers(model, prompts, CPU)], dim=1)
+    prompt_len = prompts.shape[1]
+    assert teacher_forced_correct(model, tokens, prompt_len).tolist() == [True, True]
+    wrong = tokens.clone()
+    wrong[0, -3] = (wrong[0, -3] + 1) % 256
+    assert teacher_forced_correct(model, wrong, prompt_len).tolist() == [False, True]
+    assert teacher_forced_correct(FullLogits(model), wrong, prompt_len).tolist() == [False, True]
 
 
 def test_a_cell_short_enough_for_dense_selection_always_hits():

@@ -5,7 +5,9 @@ For every (context length, depth) cell, ``trials`` evaluation needles (see
 (the validation split, which training never sees), the model answers greedily,
 and an answer counts only if it is exactly the value followed by the full stop.
 The model has no KV cache, so each answer token re-reads the whole context;
-answers are seven tokens and a cell's trials run as one batch, so this is cheap.
+answers are seven tokens and a cell's trials run in batches of about
+``TOKENS_PER_BATCH`` tokens, so this is cheap. Only the last position's logits are
+computed per step: at 8k-16k tokens those of every position would dominate memory.
 
 :func:`evaluate_run` (the ``nsa-lab eval needle`` command) and the training
 callback both go through :func:`run_needle_eval`.
@@ -152,12 +154,27 @@ def cell_needles(
 
 @torch.no_grad()
 def greedy_continuation(model: nn.Module, prompts: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """The ``n_tokens`` most likely next tokens, one at a time, for each prompt row."""
+    """The ``n_tokens`` most likely next tokens, one at a time, for each prompt row.
+
+    ``model(tokens, last_positions=1)`` gives the next-token logits alone (see
+    :class:`~nsa_lab.models.transformer.GQATransformer`).
+    """
     tokens = prompts
     for _ in range(n_tokens):
-        next_token = model(tokens)[:, -1].argmax(dim=-1, keepdim=True)
+        next_token = model(tokens, last_positions=1)[:, -1].argmax(dim=-1, keepdim=True)
         tokens = torch.cat([tokens, next_token], dim=1)
     return tokens[:, prompts.shape[1] :]
+
+
+def greedy_answers(model: nn.Module, prompts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The greedy answers ``[rows, ANSWER_TOKENS]`` (on the CPU) to needle ``prompts``,
+    :func:`rows_per_batch` prompts per forward pass."""
+    rows = rows_per_batch(prompts.shape[1] + ANSWER_TOKENS)
+    answers = []
+    for chunk in torch.split(torch.from_numpy(prompts), rows):
+        with eval_autocast(device):
+            answers.append(greedy_continuation(model, chunk.to(device), ANSWER_TOKENS).cpu())
+    return torch.cat(answers)
 
 
 def exact_match(generated: str, fact: NeedleFact) -> bool:
@@ -171,16 +188,11 @@ def evaluate_model(
     """Exact-match counts for every cell of ``grid``; the model is used as it is (eval mode)."""
     cells = []
     for length in grid.lengths:
-        batch = rows_per_batch(length)
         for depth in grid.depths:
             prompts, facts = cell_needles(haystack, length, depth, grid.trials, grid.seed)
-            correct = 0
-            for start in range(0, grid.trials, batch):
-                chunk = torch.from_numpy(prompts[start : start + batch]).to(device)
-                with eval_autocast(device):
-                    answers = greedy_continuation(model, chunk, ANSWER_TOKENS)
-                texts = [_TOKENIZER.decode(row) for row in answers.tolist()]
-                correct += sum(map(exact_match, texts, facts[start : start + batch]))
+            answers = greedy_answers(model, prompts, device)
+            texts = [_TOKENIZER.decode(row) for row in answers.tolist()]
+            correct = sum(map(exact_match, texts, facts))
             cells.append(CellResult(length, depth, grid.trials, correct))
     return cells
 

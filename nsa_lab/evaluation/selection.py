@@ -103,9 +103,13 @@ def layer_inputs(layers: Sequence[NSAAttention]) -> Iterator[list[tuple[torch.Te
 
 
 def teacher_forced_correct(model: nn.Module, tokens: torch.Tensor, prompt_len: int) -> np.ndarray:
-    """Per row of ``tokens`` (prompt + answer): is every answer token the argmax?"""
-    predicted = model(tokens[:, :-1])[:, prompt_len - 1 :].argmax(dim=-1)
-    return (predicted == tokens[:, prompt_len:]).all(dim=-1).cpu().numpy()
+    """Per row of ``tokens`` (prompt + answer): is every answer token the argmax?
+
+    Only the positions that predict the answer get logits (``last_positions``).
+    """
+    answer = tokens[:, prompt_len:]
+    predicted = model(tokens[:, :-1], last_positions=answer.shape[1]).argmax(dim=-1)
+    return (predicted == answer).all(dim=-1).cpu().numpy()
 
 
 @torch.no_grad()

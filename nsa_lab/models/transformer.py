@@ -76,7 +76,12 @@ class GQATransformer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]``, or ``[B, last_positions, vocab]`` for the last positions.
+
+        Evaluation reads a few positions of long prompts; at 8k-16k tokens the logits of
+        every position (``B * T * vocab`` floats) would take more memory than the model.
+        """
         T = idx.shape[1]
         if self.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
@@ -84,6 +89,10 @@ class GQATransformer(nn.Module):
         cos, sin = rope_tables(self.head_dim, T, self.rope_theta, x.device, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin)
+        if last_positions is not None:
+            if not 1 <= last_positions <= T:
+                raise ValueError(f"last_positions={last_positions} must be in 1..{T}")
+            x = x[:, T - last_positions :]
         return self.head(self.norm(x))
 
     def gate_means(self) -> dict[str, float]:
