@@ -43,6 +43,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    cfg = _config_from(ns)
+    from nsa_lab.data import NSADataModule, cache_dir_for
+
+    data = NSADataModule(
+        cfg.data,
+        cfg.train.seed,
+        cache_dir=cache_dir_for(cfg.data, cfg.tracking.uri),
+        needle_haystack=cfg.train.eval_needle,
+    )
+    data.setup()  # builds what is missing, then checks that the corpus packs into examples
+    print(data.summary())
+    return 0
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
     print(to_yaml(_config_from(ns)), end="")
     return 0
@@ -179,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "Train a model and log the run to MLflow.",
         "nsa-lab train experiments/smoke.yaml attn.name=full tracking.run_name=full-smoke",
+    )
+    add(
+        "prepare",
+        cmd_prepare,
+        "Tokenise a config's corpus into the token cache (training the BPE first, if asked) "
+        "and print its size, files and digest, so that later runs and processes reuse it.",
+        "nsa-lab prepare experiments/default.yaml data.source=python_source",
     )
     add(
         "config",

@@ -1,7 +1,7 @@
 """Data pipeline: builtin corpus, byte tokenizer, packing, split, sources and loaders.
 
-Every test runs offline with ``datasets``' cache under ``tmp_path`` and with
-socket connections refused, so passing proves that no step needs the network.
+Every test runs offline with ``datasets``' cache and the token cache under ``tmp_path``
+and with socket connections refused, so passing proves that no step needs the network.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from nsa_lab.data import (
     PackedExamples,
     builtin_documents,
     split_tail,
-    token_stream,
 )
 
 TOK = ByteTokenizer()
@@ -33,7 +32,9 @@ TOK = ByteTokenizer()
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No hub access, no sockets, and a throwaway ``datasets`` cache."""
+    """No hub access, no sockets, a throwaway ``datasets`` cache, and a scratch working
+    directory (which holds the default ``./token_cache``)."""
+    monkeypatch.chdir(tmp_path)
     cache = tmp_path / "hf"
     for var, value in {
         "HF_HOME": str(cache),
@@ -121,9 +122,12 @@ def test_tokenizer_decode_tolerates_eos_and_broken_characters() -> None:
 # --- tokenising and packing ---------------------------------------------------------
 
 
-def test_token_stream_joins_documents_with_eos_and_skips_empty_ones() -> None:
-    docs = datasets.Dataset.from_dict({"text": ["ab", "", "ü"]})
-    assert token_stream(docs, TOK).tolist() == encoded("ab", "ü")
+def test_documents_are_joined_with_eos_and_empty_ones_skipped(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": t}) for t in ["ab " * 20, "", "ü" * 30]]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    dm = built(source="json", path=str(tmp_path / "docs.jsonl"), seq_len=8, batch_size=2)
+    assert full_stream(dm) == encoded("ab " * 20, "ü" * 30)
+    assert dm.corpus_stats.n_documents == 2
 
 
 def test_packing_tiles_the_stream_with_stride_seq_len() -> None:
@@ -146,15 +150,15 @@ def test_packing_tiles_the_stream_with_stride_seq_len() -> None:
 
 def test_split_is_deterministic_and_disjoint() -> None:
     first, second = built(seq_len=128), built(seq_len=128, batch_size=8)
-    assert torch.equal(first.train_set.tokens, second.train_set.tokens)
-    assert torch.equal(first.val_set.tokens, second.val_set.tokens)
-    whole = token_stream(datasets.Dataset.from_dict({"text": builtin_documents()}), TOK)
+    assert np.array_equal(first.train_set.tokens, second.train_set.tokens)
+    assert np.array_equal(first.val_set.tokens, second.val_set.tokens)
+    whole = encoded(*builtin_documents())
     # Train is a head and val the tail of the stream: every stream position lies in exactly
     # one of them, so no text is both trained on and validated on.
-    assert full_stream(first) == whole.tolist()
+    assert full_stream(first) == whole
     n_val_tokens = len(first.val_set.tokens)
     assert n_val_tokens == len(first.val_set) * 128 + 1  # whole val examples only
-    assert first.val_set.tokens.tolist() == whole[-n_val_tokens:].tolist()
+    assert first.val_set.tokens.tolist() == whole[-n_val_tokens:]
     share = len(first.val_set) / (len(first.train_set) + len(first.val_set))
     assert 0.04 < share < 0.06  # val_fraction=0.05
 

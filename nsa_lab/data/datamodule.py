@@ -1,15 +1,17 @@
 """Packed next-token examples and the Lightning data module that serves them.
 
-A corpus is one token stream (documents joined by EOS, see
-:func:`~nsa_lab.data.corpus.token_stream`). Training examples are windows of
+A corpus is one token stream (documents joined by EOS), a memory-mapped file of the
+token cache (:mod:`nsa_lab.data.cache`). Training examples are windows of
 ``seq_len + 1`` tokens taken with stride ``seq_len``: inputs are the first
 ``seq_len`` tokens, targets the last ``seq_len``, and consecutive windows share
-one token, so every token of the stream is predicted exactly once. Windows are
-views into the stream, computed on indexing, so packing costs no memory and no
-pass over the tokens.
+one token, so every token of the stream is predicted exactly once. A window is read
+from the file when it is indexed, so packing costs no memory and no pass over the
+tokens, and a process's memory does not grow with the corpus.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,22 +21,31 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from nsa_lab.config import ConfigError, DataConfig
-from nsa_lab.data.corpus import DocumentSource, corpus_sources, token_stream
+from nsa_lab.data.cache import (
+    CorpusStats,
+    TokenFile,
+    cache_dir_for,
+    cached_bpe,
+    cached_tokens,
+    check_cache_dir,
+)
+from nsa_lab.data.corpus import DocumentSource, corpus_sources
 from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
 from nsa_lab.data.needle import OVERHEAD_TOKENS
 from nsa_lab.data.order import ResumableLoader, batches_trained, data_parallel_share
-from nsa_lab.data.tokenizer import ByteTokenizer
+from nsa_lab.data.tokenizer import ByteTokenizer, Tokenizer
 
 
 class PackedExamples(Dataset[tuple[Tensor, Tensor]]):
     """``(input_ids, targets)`` windows of a token stream, ``seq_len`` long each.
 
     Example ``i`` covers stream tokens ``[i*seq_len, (i+1)*seq_len]``; the last
-    fewer than ``seq_len`` tokens that do not fill a window are left out.
+    fewer than ``seq_len`` tokens that do not fill a window are left out. ``tokens``
+    is kept as given (a memory map of the token cache): indexing reads one window.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
-        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int32))
+        self.tokens = tokens
         self.seq_len = seq_len
 
     def __len__(self) -> int:
@@ -44,7 +55,7 @@ class PackedExamples(Dataset[tuple[Tensor, Tensor]]):
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} out of range for {len(self)} examples")
         start = index * self.seq_len
-        window = self.tokens[start : start + self.seq_len + 1].long()
+        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return window[:-1], window[1:]
 
     @property
@@ -76,44 +87,127 @@ def split_tail(
     return tokens[:-val_len], tokens[-val_len:]
 
 
-class NSADataModule(LightningDataModule):
-    """Train/val loaders of packed byte-token examples for one data config.
+def _check_needles_in_byte_space(cfg: DictConfig | DataConfig, needle_haystack: bool) -> None:
+    """Needle samples and the needle evaluation are built from byte tokens (the fact,
+    question and answer are encoded byte by byte, and haystack text is cut at token
+    positions), so they cannot use a BPE corpus."""
+    uses = [f"data.needle_fraction={cfg.needle_fraction}"] if cfg.needle_fraction > 0 else []
+    if needle_haystack:
+        uses.append("the needle evaluation (train.eval_needle, nsa-lab eval)")
+    if cfg.tokenizer != "byte" and uses:
+        raise ConfigError(
+            "data.tokenizer",
+            cfg.tokenizer,
+            f"needle samples are built in byte-token space, so {' and '.join(uses)} "
+            "needs data.tokenizer=byte",
+        )
 
-    Construction only resolves the sources (so a wrong path fails before any
-    work); :meth:`setup` loads, tokenises and packs, once. Batches are
+
+class NSADataModule(LightningDataModule):
+    """Train/val loaders of packed token examples for one data config.
+
+    Construction only resolves the sources and checks the cache directory (so a wrong
+    path fails before any work); :meth:`prepare_data` tokenises into the token cache
+    (and trains the BPE), once for all processes; :meth:`setup` opens the cached
+    tokens (building them first if no process has) and packs them. Batches are
     ``(input_ids, targets)``, both ``LongTensor[batch_size, seq_len]``.
+
+    ``cache_dir`` defaults to ``data.cache_dir`` or ``./token_cache`` (``nsa-lab train``
+    passes :func:`~nsa_lab.data.cache.cache_dir_for` the run's store).
+    ``needle_haystack`` says that the validation split will serve as needle haystack
+    (``train.eval_needle``, ``nsa-lab eval``), which needs byte tokens.
     """
 
-    def __init__(self, data_cfg: DictConfig | DataConfig, seed: int, accumulate: int = 1) -> None:
+    def __init__(
+        self,
+        data_cfg: DictConfig | DataConfig,
+        seed: int,
+        accumulate: int = 1,
+        cache_dir: str | Path | None = None,
+        needle_haystack: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg = data_cfg
         self.seed = seed
         self.accumulate = accumulate  # training batches per optimizer step (train.accumulate)
-        self.tokenizer = ByteTokenizer()
+        _check_needles_in_byte_space(data_cfg, needle_haystack)
         self.train_source, self.val_source = corpus_sources(data_cfg)
+        self.cache_dir = check_cache_dir(Path(cache_dir or cache_dir_for(data_cfg)))
+        byte = data_cfg.tokenizer == "byte"
+        self._tokenizer: Tokenizer | None = ByteTokenizer() if byte else None  # else a BPE
+        self._token_files: list[TokenFile] | None = None
         self.train_set: PackedExamples | TrainingMix | None = None
         self.val_set: PackedExamples | None = None
 
-    def prepare_data(self) -> None:
-        """Download and tokenise once per node, so that DDP ranks read ``datasets``' cache.
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The corpus's tokenizer (a BPE is ready after :meth:`prepare_data` or :meth:`setup`)."""
+        if self._tokenizer is None:
+            raise RuntimeError("call NSADataModule.prepare_data() or setup() first")
+        return self._tokenizer
 
-        The builtin corpus has nothing to download or cache, so it is left to :meth:`setup`.
-        """
-        for source in (self.train_source, self.val_source):
-            if source is not None and source.kind != "builtin":
-                token_stream(source.load(), self.tokenizer)
+    @property
+    def token_files(self) -> list[TokenFile]:
+        """The cache entries: training, then validation unless it is the training tail."""
+        if self._token_files is None:
+            raise RuntimeError("call NSADataModule.prepare_data() or setup() first")
+        return self._token_files
+
+    @property
+    def corpus_stats(self) -> CorpusStats:
+        """Size, files, documents and digest of the whole corpus (both splits)."""
+        return CorpusStats.combine(f.stats for f in self.token_files)
+
+    def summary(self) -> str:
+        """The corpus, tokenizer, cache entries and examples, for people (after :meth:`setup`)."""
+        stats = self.corpus_stats
+        lines = [
+            f"corpus: {self.train_source.label}: {stats.n_documents} documents, "
+            f"{stats.n_files} files, {stats.n_bytes / 1e6:.1f} MB, digest {stats.digest}",
+            f"  {stats.non_utf8_files} files not valid UTF-8, "
+            f"{stats.skipped_files} unreadable files skipped",
+            f"tokenizer: {self.cfg.tokenizer}, {self.tokenizer.vocab_size} ids",
+        ]
+        for split, entry in zip(("train", "val"), self.token_files, strict=False):
+            how = f"built in {entry.seconds:.1f} s" if entry.built else "reused"
+            lines.append(
+                f"token cache ({split}): {entry.folder}: {entry.stats.n_tokens} tokens ({how})"
+            )
+        train, val = self._built(self.train_set), self._built(self.val_set)
+        lines.append(
+            f"examples of data.seq_len+1={self.cfg.seq_len + 1} tokens: "
+            f"{len(train)} training, {len(val)} validation"
+        )
+        return "\n".join(lines)
+
+    def prepare_data(self) -> None:
+        """Tokenise into the token cache (training the BPE first, if asked), once per node:
+        Lightning calls this on one process, and the file lock covers the others."""
+        if self._token_files is not None:
+            return
+        if self._tokenizer is None:
+            self._tokenizer = cached_bpe(
+                self.train_source,
+                1.0 if self.val_source is not None else 1.0 - self.cfg.val_fraction,
+                self.cfg.vocab_size,
+                self.cache_dir,
+            )
+        sources = [s for s in (self.train_source, self.val_source) if s is not None]
+        self._token_files = [cached_tokens(s, self._tokenizer, self.cache_dir) for s in sources]
 
     def setup(self, stage: str | None = None) -> None:
         """Build the train and val examples; later calls (one per stage) reuse them."""
         if self.train_set is not None:
             return
-        train_tokens = self._tokens(self.train_source)
-        if self.val_source is None:
+        self.prepare_data()
+        train_file, *val_file = self.token_files
+        train_tokens = train_file.tokens()
+        if not val_file:
             train_tokens, val_tokens = split_tail(
                 train_tokens, self.cfg.seq_len, self.cfg.val_fraction
             )
         else:
-            val_tokens = self._tokens(self.val_source)
+            val_tokens = val_file[0].tokens()
         self.train_set = self._training_set(self._examples(train_tokens, self.train_source))
         self.val_set = self._examples(val_tokens, self.val_source or self.train_source)
         if len(self.train_set) < self.cfg.batch_size:
@@ -123,9 +217,6 @@ class NSADataModule(LightningDataModule):
                 self.cfg.batch_size,
                 f"exceeds the {len(self.train_set)} training examples of this corpus",
             )
-
-    def _tokens(self, source: DocumentSource) -> np.ndarray:
-        return token_stream(source.load(), self.tokenizer)
 
     def _examples(self, tokens: np.ndarray, source: DocumentSource) -> PackedExamples:
         examples = PackedExamples(tokens, self.cfg.seq_len)

@@ -36,7 +36,7 @@ class NeedleEvalCallback(L.Callback):
         logger = next(lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger))
         results = run_needle_eval(
             pl_module.model,
-            trainer.datamodule.val_set.tokens.numpy(),
+            trainer.datamodule.val_set.tokens,
             grid,
             pl_module.device,
             {"variant": cfg.attn.name, "trained_length": cfg.data.seq_len},

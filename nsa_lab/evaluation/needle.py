@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from nsa_lab.config import ConfigError
-from nsa_lab.data import NSADataModule
+from nsa_lab.data import NSADataModule, cache_dir_for
 from nsa_lab.data.needle import (
     ANSWER_TOKENS,
     EVAL_STREAM,
@@ -302,9 +302,10 @@ def needle_setup(
     loaded = load_run(ref, tracking_uri)
     cfg = loaded.cfg
     grid = make_grid(cfg.data.seq_len, cfg.model.max_seq_len, lengths, depths, trials, seed)
-    data = NSADataModule(cfg.data, cfg.train.seed)
+    cache_dir = cache_dir_for(cfg.data, cfg.tracking.uri)
+    data = NSADataModule(cfg.data, cfg.train.seed, cache_dir=cache_dir, needle_haystack=True)
     data.setup("validate")
-    return loaded, grid, data.val_set.tokens.numpy()
+    return loaded, grid, data.val_set.tokens
 
 
 def eval_device(name: str) -> torch.device:

@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError
-from nsa_lab.data import NSADataModule
+from nsa_lab.data import NSADataModule, cache_dir_for
 from nsa_lab.evaluation.callback import NeedleEvalCallback
 from nsa_lab.evaluation.loading import CHECKPOINT_TAG
 from nsa_lab.tracking.mlflow_run import finish, log_config, log_loss_curves, make_logger
@@ -53,7 +53,13 @@ def train(
     """
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     resume_path = resolve_resume(cfg)  # also fixes cfg.tracking.run_name
-    data = NSADataModule(cfg.data, cfg.train.seed, accumulate=cfg.train.accumulate)
+    data = NSADataModule(
+        cfg.data,
+        cfg.train.seed,
+        accumulate=cfg.train.accumulate,
+        cache_dir=cache_dir_for(cfg.data, cfg.tracking.uri),
+        needle_haystack=cfg.train.eval_needle,
+    )
     data.setup("fit")  # data errors surface before a run is created
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
 
@@ -70,7 +76,11 @@ def train(
         log_config(
             logger,
             cfg,
-            {"model.n_params": module.model.num_params(), "data.train_tokens": data.n_train_tokens},
+            {
+                "model.n_params": module.model.num_params(),
+                "data.train_tokens": data.n_train_tokens,
+                **data.corpus_stats.params(),
+            },
         )
         trainer.callbacks.append(RunIdInCheckpoint(run_id))
     ok = False
