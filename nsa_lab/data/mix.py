@@ -135,7 +135,7 @@ class ResumePoint:
     batches: int
 
 
-class EpochShuffle(DistributedSampler):
+class EpochShuffle(DistributedSampler[int]):
     """One process's share of a seeded permutation of ``range(n)`` per epoch, resumable
     mid-epoch.
 

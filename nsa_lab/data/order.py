@@ -18,6 +18,7 @@ were never trained on.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -51,7 +52,7 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the data order, for the checkpoint."""
-        return vars(self.sampler.reached(self.batches_done(), self.batch_size))
+        return asdict(self.sampler.reached(self.batches_done(), self.batch_size))
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Continue from a checkpoint's :meth:`state_dict` (before the loader is iterated)."""
