@@ -277,3 +277,19 @@ def test_val_loader_is_in_order_and_complete() -> None:
     inputs = torch.cat([b[0] for b in batches])
     expected = torch.stack([dm.val_set[i][0] for i in range(len(dm.val_set))])
     assert torch.equal(inputs, expected)
+
+
+def test_hub_dataset_is_cached_by_the_version_it_loads(tmp_path: Path) -> None:
+    """A hub id may also be a local dataset folder, which loads offline like a cached one."""
+    folder = tmp_path / "hub_ds"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": DOCS}).to_parquet(folder / "train.parquet")
+    first = built(source="hub", path=str(folder), seq_len=16, batch_size=2)
+    assert full_stream(first) == encoded(*DOCS)
+    again = built(source="hub", path=str(folder), seq_len=16, batch_size=2)
+    assert not again.token_files[0].built
+    assert again.corpus_stats.digest == first.corpus_stats.digest
+    datasets.Dataset.from_dict({"text": DOCS[::-1]}).to_parquet(folder / "train.parquet")
+    changed = built(source="hub", path=str(folder), seq_len=16, batch_size=2)
+    assert changed.corpus_stats.digest != first.corpus_stats.digest
+    assert full_stream(changed) == encoded(*DOCS[::-1])

@@ -159,3 +159,19 @@ def test_without_a_path_it_reads_the_stdlib_and_this_environments_site_packages(
     names = {p.name for p in find_packages(roots)}
     assert {"json", "os", "numpy", "torch"} <= names  # stdlib and site-packages
     assert not {n for n in names if not n.isidentifier() or n == "__pycache__"}
+
+
+@pytest.mark.slow
+def test_a_run_logs_the_corpus_it_read_as_params(workdir: Path) -> None:
+    from nsa_lab.cli import main
+    from tests.test_train_e2e import only_run, smoke_args
+
+    root = site_packages(workdir / "site")
+    overrides = ["data.source=python_source", f"data.path={root}", "data.seq_len=32"]
+    overrides += [f"data.val_fraction={VAL_FRACTION}", "train.max_steps=2", "train.log_every=1"]
+    assert main(["train", *smoke_args(workdir, *overrides)]) == 0
+    params = only_run(workdir)[1].data.params
+    assert params["data.corpus_files"] == "7" and params["data.corpus_documents"] == "3"
+    assert params["data.corpus_non_utf8_files"] == "1"
+    assert params["data.corpus_skipped_files"] == "1"
+    assert list((workdir / "token_cache").glob("python_source-*/tokens.bin"))

@@ -113,7 +113,7 @@ class CorpusStats:
             return parts[0]
         digest = hashlib.blake2b("".join(p.digest for p in parts).encode(), digest_size=16)
         return cls(
-            *(sum(getattr(p, name) for p in parts) for name in _COUNTS),
+            **{name: sum(getattr(p, name) for p in parts) for name in _COUNTS},
             digest=digest.hexdigest(),
             non_utf8_examples=[f for p in parts for f in p.non_utf8_examples][:EXAMPLES_KEPT],
             skipped_examples=[f for p in parts for f in p.skipped_examples][:EXAMPLES_KEPT],
@@ -159,7 +159,7 @@ class TokenFile:
 
 def cached_tokens(source: DocumentSource, tokenizer: Tokenizer, cache_dir: Path) -> TokenFile:
     """The entry of ``source`` under ``tokenizer``, built first if no process has yet."""
-    digest = source.digest()
+    digest = source.digest
     key = {
         "format": CACHE_FORMAT,
         "source": source.describe(),
@@ -300,7 +300,7 @@ def cached_bpe(
     key = {
         "format": CACHE_FORMAT,
         "source": source.describe(),
-        "digest": source.digest(),
+        "digest": source.digest,
         "head_fraction": head_fraction,
         "vocab_size": vocab_size,
         "sample_chars": BPE_SAMPLE_CHARS,

@@ -36,6 +36,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,11 @@ class DocumentSource:
             }
         )
 
+    @cached_property
     def digest(self) -> str:
         """A digest of the content: the files' bytes for local files; for a hub dataset, the
-        public facts that pin its version (revision in the cache paths, sizes, version)."""
+        public facts that pin its version (revision in the cache paths, sizes, version).
+        Computed once per source object (it reads the whole corpus)."""
         if self.files:
             return files_digest(self.files)
         if self.kind == "builtin":
