@@ -79,8 +79,9 @@ class GQATransformer(nn.Module):
     def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``, or ``[B, last_positions, vocab]`` for the last positions.
 
-        Evaluation reads a few positions of long prompts; at 8k-16k tokens the logits of
-        every position (``B * T * vocab`` floats) would take more memory than the model.
+        Evaluation reads a few positions of long prompts; the logits of every position,
+        ``B * T * vocab`` values, grow with the vocabulary (4 GiB in bf16 for a batch of
+        65k tokens at a 32k-entry BPE vocabulary) and are not needed.
         """
         T = idx.shape[1]
         if self.max_seq_len < T:

@@ -87,7 +87,7 @@ def log_loss_curves(client: MlflowClient, run_id: str) -> None:
     seq_len = run.data.params.get("data.seq_len")
     by_position = logged_losses_by_position(run.data.metrics, int(seq_len)) if seq_len else []
     if by_position:
-        label = f"step {max(step for step, _ in histories['val/loss'])}"
+        label = f"last validation (step {max(step for step, _ in histories['val/loss'])})"
         _log_figure(
             client,
             run_id,
