@@ -51,9 +51,9 @@ def test_bpe_keeps_eos_to_itself_and_decodes_anything(bpe: BPETokenizer) -> None
 def test_long_documents_are_encoded_in_pieces_with_the_same_tokens(
     bpe: BPETokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    document = "".join(TEXTS) * 3
+    document = "".join(TEXTS) * 3 + "tabs\t\tand  \n\n  spaces \u3000 x\n"
     whole = bpe.encode(document)
-    monkeypatch.setattr("nsa_lab.data.tokenizer._BPE_PIECE_CHARS", 100)
+    monkeypatch.setattr("nsa_lab.data.tokenizer._BPE_PIECE_CHARS", 1)  # cut wherever it may
     assert bpe.encode(document).tolist() == whole.tolist()
 
 

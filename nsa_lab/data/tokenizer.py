@@ -32,11 +32,14 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 _N_BYTES = 256
 EOS_TOKEN = "<|eos|>"
-# BPE encodes long documents in pieces of about this many characters, cut where a line
-# starts with a non-space character: the byte-level pre-tokenizer splits there anyway,
-# so the pieces' tokens are the whole document's, at a bounded memory cost.
-_BPE_PIECE_CHARS = 1 << 20
-_PIECE_BOUNDARY = re.compile(r"\n(?=\S)")
+# BPE encodes long documents in pieces of about this many characters, cut where a
+# non-space character is followed by a space: no pre-token of the byte-level (GPT-2)
+# pattern spans such a place, so the pieces' tokens are the whole document's. A few
+# pieces go to the library at a
+# time, since its encodings (tokens, offsets, masks) take ~60 bytes per input character.
+_BPE_PIECE_CHARS = 1 << 16
+_BPE_PIECES_PER_CALL = 16
+_PIECE_BOUNDARY = re.compile(r"(?<=\S)(?=\s)")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -116,9 +119,12 @@ class BPETokenizer:
     def encode(self, data: str | bytes) -> np.ndarray:
         """The BPE ids of ``data`` (bytes decoded with replacement first); no EOS is added."""
         pieces = _pieces(as_text(data), _BPE_PIECE_CHARS)
-        encodings = self.model.encode_batch(pieces, add_special_tokens=False)
-        arrays = [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
-        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=self.dtype)
+        arrays = [np.zeros(0, dtype=self.dtype)]
+        for start in range(0, len(pieces), _BPE_PIECES_PER_CALL):
+            group = pieces[start : start + _BPE_PIECES_PER_CALL]
+            encodings = self.model.encode_batch(group, add_special_tokens=False)
+            arrays += [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
+        return np.concatenate(arrays)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text for ``ids``; EOS and ids outside the vocabulary are skipped, and a
@@ -131,8 +137,8 @@ class BPETokenizer:
 
 
 def _pieces(text: str, size: int) -> list[str]:
-    """``text`` cut into pieces of about ``size`` characters at line starts (see
-    ``_PIECE_BOUNDARY``); one piece when there is no such line start."""
+    """``text`` cut into pieces of about ``size`` characters where a pre-token ends (see
+    ``_PIECE_BOUNDARY``); one piece when there is no such place."""
     pieces, start = [], 0
     while len(text) - start > size:
         boundary = _PIECE_BOUNDARY.search(text, start + size)
