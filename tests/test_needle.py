@@ -12,7 +12,7 @@ from torch import nn
 
 from nsa_lab.config import ConfigError, DataConfig, load_config
 from nsa_lab.data import NSADataModule, PackedExamples
-from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
+from nsa_lab.data.mix import Draw, EpochShuffle, TrainingMix
 from nsa_lab.data.needle import (
     ANSWER_TOKENS,
     EVAL_STREAM,
@@ -166,43 +166,45 @@ def test_answer_mask_marks_exactly_the_targets_that_are_answers():
 
 def test_curriculum_serves_short_rows_then_whole_windows():
     base = PackedExamples(letters_haystack(40 * 512 + 1), 512)
-    mix = TrainingMix(base, needle_fraction=1.0, seed=2, short_len=128, short_epochs=2)
+    mix = TrainingMix(base, needle_fraction=1.0, seed=2, short_len=128)
     n = len(mix)
-    for epoch, shape in [(0, (4, 128)), (1, (4, 128)), (2, (512,)), (5, (512,))]:
-        inputs, targets = mix[epoch * n + 7]
+    for epoch, short, shape in [(0, True, (4, 128)), (2, True, (4, 128)), (0, False, (512,))]:
+        inputs, targets = mix[Draw(epoch * n + 7, short)]
         assert inputs.shape == targets.shape == shape
         assert torch.equal(inputs[..., 1:], targets[..., :-1])
     # Each short row is a sample of its own: its questions are about its own needles.
-    inputs, targets = mix[3]
+    inputs, targets = mix[Draw(3, True)]
     for row_in, row_tg in zip(inputs, targets, strict=True):
         text = text_of(torch.cat([row_in, row_tg[-1:]]))
         assert FACT_RE.findall(text) and QA_RE.findall(text) == FACT_RE.findall(text)
     # Without needles the rows are the window's own tokens, cut.
-    plain = TrainingMix(base, needle_fraction=0.0, seed=2, short_len=128, short_epochs=1)
-    inputs, targets = plain[5]
+    plain = TrainingMix(base, needle_fraction=0.0, seed=2, short_len=128)
+    inputs, targets = plain[Draw(5, True)]
     assert torch.equal(inputs.flatten(), base[5][0]) and torch.equal(targets.flatten(), base[5][1])
 
 
-@pytest.mark.parametrize(
-    ("steps", "n", "batch", "world", "epochs"),
-    [
-        (0, 100, 4, 1, 0),
-        (25, 100, 4, 1, 1),
-        (26, 100, 4, 1, 2),
-        (25, 100, 4, 2, 3),
-        (5, 3, 4, 1, 5),
-    ],
-)
-def test_curriculum_lasts_the_whole_epochs_that_cover_its_steps(steps, n, batch, world, epochs):
-    assert curriculum_epochs(steps, n, batch, world) == epochs
+@pytest.mark.parametrize(("batch", "replicas", "short_batches"), [(4, 1, 0), (4, 1, 7), (3, 2, 5)])
+def test_curriculum_ends_after_its_batches_mid_epoch_and_across_epochs(
+    batch, replicas, short_batches
+):
+    n = 40
+    per_epoch = (-(-n // replicas) // batch) * batch  # draws a process trains on per epoch
+    for rank in range(replicas):
+        sampler = EpochShuffle(n, 1, replicas, rank, batch_size=batch, short_batches=short_batches)
+        flags = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            flags += [draw.short for draw in sampler][:per_epoch]
+        assert flags == [i // batch < short_batches for i in range(3 * per_epoch)]
 
 
 def test_epoch_shuffle_is_a_seeded_permutation_offset_by_the_epoch():
     sampler = EpochShuffle(10, seed=1)
-    first = list(sampler)
-    assert sorted(first) == list(range(10)) and first == list(EpochShuffle(10, seed=1))
+    first = [draw.index for draw in sampler]
+    assert sorted(first) == list(range(10))
+    assert first == [draw.index for draw in EpochShuffle(10, seed=1)]
     sampler.set_epoch(2)
-    second = list(sampler)
+    second = [draw.index for draw in sampler]
     assert sorted(second) == list(range(20, 30))
     assert [i - 20 for i in second] != first
 
@@ -232,15 +234,13 @@ def test_needles_need_room_in_the_training_window():
         NSADataModule(short, seed=0).setup()
 
 
-def test_datamodule_fixes_the_curriculum_length_in_epochs():
-    cfg = DataConfig(seq_len=256, batch_size=4, curriculum_seq_len=128, curriculum_steps=30)
-    data = NSADataModule(cfg, seed=0)
+def test_datamodule_serves_the_curriculum_for_its_steps():
+    cfg = DataConfig(seq_len=256, batch_size=4, curriculum_seq_len=128, curriculum_steps=3)
+    data = NSADataModule(cfg, seed=0, accumulate=2)
     data.setup()
-    loader = data.train_dataloader()
-    steps_per_epoch = len(data.train_set) // 4
-    assert data.train_set.short_epochs == -(-30 // steps_per_epoch)
-    inputs, targets = next(iter(loader))
-    assert inputs.shape == targets.shape == (4, 2, 128)
+    shapes = [batch[0].shape for _, batch in zip(range(8), data.train_dataloader(), strict=False)]
+    # 3 optimizer steps of 2 batches each are short, the rest whole.
+    assert shapes == [(4, 2, 128)] * 6 + [(4, 256)] * 2
 
 
 def test_exact_match_needs_the_digits_and_the_full_stop():

@@ -30,7 +30,7 @@ from nsa_lab.data.cache import (
     check_cache_dir,
 )
 from nsa_lab.data.corpus import DocumentSource, corpus_sources
-from nsa_lab.data.mix import EpochShuffle, TrainingMix, curriculum_epochs
+from nsa_lab.data.mix import EpochShuffle, TrainingMix
 from nsa_lab.data.needle import OVERHEAD_TOKENS
 from nsa_lab.data.order import ResumableLoader, batches_trained, data_parallel_share
 from nsa_lab.data.tokenizer import ByteTokenizer, Tokenizer
@@ -258,25 +258,27 @@ class NSADataModule(LightningDataModule):
         """Shuffled in an order fixed by ``seed``, split between processes, resumable mid-epoch.
 
         The order is :class:`EpochShuffle`'s, which also tells the mix which epoch it serves
-        (each epoch draws new needles; the curriculum ends with an epoch); the checkpoint
-        keeps where in it training stands, so ``train.resume`` goes on with the very next
-        batch. Incomplete last batches are dropped. The curriculum's length in epochs is fixed
-        here, once the number of processes sharing the data is known.
+        (each epoch draws new needles) and whether the curriculum still lasts (its first
+        ``data.curriculum_steps`` optimizer steps); the checkpoint keeps where in it training
+        stands, so ``train.resume`` goes on with the very next batch. Incomplete last batches
+        are dropped.
         """
         examples = self._built(self.train_set)
         replicas, rank = data_parallel_share(self.trainer)
-        mixed = isinstance(examples, TrainingMix)
-        if mixed:
-            examples.short_epochs = curriculum_epochs(
-                self.cfg.curriculum_steps,
-                len(examples),
-                self.cfg.batch_size,
-                replicas,
-                self.accumulate,
-            )
+        # An optimizer step takes `accumulate` batches per process.
+        short_batches = self.cfg.curriculum_steps * self.accumulate
+        order = EpochShuffle(
+            len(examples),
+            self.seed,
+            replicas,
+            rank,
+            tag_epoch=isinstance(examples, TrainingMix),
+            batch_size=self.cfg.batch_size,
+            short_batches=short_batches,
+        )
         return ResumableLoader(
             examples,
-            EpochShuffle(len(examples), self.seed, replicas, rank, tag_epoch=mixed),
+            order,
             self.cfg.batch_size,
             batches_done=lambda: batches_trained(self.trainer),
             num_workers=self.cfg.num_workers,

@@ -1,11 +1,12 @@
 """The training stream: windows served short early in training, needle samples mixed in.
 
-Two options change what a training window looks like, and both depend on which
-pass over the data (epoch) a draw belongs to, which :class:`EpochShuffle` puts in
-the index it hands out:
+Two options change what a training window looks like, and both depend on where in
+training a draw is served, which :class:`EpochShuffle` puts in the :class:`Draw` it
+hands out (the pass over the data, or epoch, and whether the curriculum lasts):
 
 * the context-length curriculum (``data.curriculum_seq_len``): during the first
-  epochs each window is served as ``seq_len // curriculum_seq_len`` rows of the
+  ``data.curriculum_steps`` optimizer steps each window is served as
+  ``seq_len // curriculum_seq_len`` rows of the
   short length (the same tokens, so a step still trains on as many), afterwards
   whole. Small models learn in-context retrieval within hundreds of steps at a
   context of 128 tokens but not in thousands at 1024, and the skill carries over
@@ -14,7 +15,7 @@ the index it hands out:
   probability, by retrieval units built from its own text
   (:func:`~nsa_lab.data.needle.training_sample`).
 
-Everything is a function of ``(seed, index)``, so the stream is the same on every
+Everything is a function of ``(seed, draw)``, so the stream is the same on every
 run with that seed, each epoch brings new needles, and data-loader workers need
 no shared state. The order is a function of ``(seed, epoch)`` (:class:`EpochShuffle`,
 used with or without the mix), which is what lets a run resume at its very next
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -45,12 +46,12 @@ MIN_UNIT_HAYSTACK = 16  # haystack tokens of the shortest retrieval unit in trai
 class TrainingMix(Dataset[tuple[Tensor, Tensor]]):
     """Training examples with the curriculum and the needle mix applied.
 
-    Indices run past ``len(base)``: index ``g`` is draw ``g // n`` (the epoch, see
-    :class:`EpochShuffle`) of base example ``g % n``. An example is a pair of
-    ``[seq_len]`` tensors, or of ``[rows, short_len]`` tensors while the curriculum
-    lasts (its first ``short_epochs`` epochs); the training step flattens the rows
-    into the batch. The config checks that ``short_len`` divides ``seq_len`` and that
-    rows hold a needle sample.
+    It is indexed by :class:`Draw`: ``draw.index`` runs past ``len(base)`` (index ``g`` is
+    draw ``g // n``, the epoch, of base example ``g % n``, see :class:`EpochShuffle`) and
+    ``draw.short`` says whether the curriculum still lasts. An example is a pair of
+    ``[seq_len]`` tensors, or of ``[rows, short_len]`` tensors during the curriculum; the
+    training step flattens the rows into the batch. The config checks that ``short_len``
+    divides ``seq_len`` and that rows hold a needle sample.
     """
 
     def __init__(
@@ -59,26 +60,25 @@ class TrainingMix(Dataset[tuple[Tensor, Tensor]]):
         needle_fraction: float,
         seed: int,
         short_len: int = 0,
-        short_epochs: int = 0,
     ) -> None:
         self.base = base
         self.needle_fraction = needle_fraction
         self.seed = seed
         self.short_len = short_len
-        self.short_epochs = short_epochs
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def row_len(self, epoch: int) -> int:
-        """The context length served in ``epoch``."""
-        return self.short_len if epoch < self.short_epochs else self.base.seq_len
+    def row_len(self, short: bool) -> int:
+        """The context length served during the curriculum (``short``) or after it."""
+        return self.short_len if short and self.short_len else self.base.seq_len
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        epoch, example = divmod(index, len(self.base))
-        inputs, targets = self.base[example]
+    def __getitem__(self, draw: Draw | int) -> tuple[Tensor, Tensor]:
+        """The example of ``draw``; a plain index is a draw served after the curriculum."""
+        index, short = draw if isinstance(draw, Draw) else (draw, False)
+        inputs, targets = self.base[index % len(self.base)]
         window = torch.cat([inputs, targets[-1:]])
-        row_len = self.row_len(epoch)
+        row_len = self.row_len(short)
         rng = stream_rng(TRAIN_STREAM, self.seed, index)
         pieces = window.unfold(0, row_len + 1, row_len)  # consecutive rows share one token
         rows = torch.stack([self._mixed(row, rng) for row in pieces])
@@ -103,21 +103,12 @@ class TrainingMix(Dataset[tuple[Tensor, Tensor]]):
         return self.base.n_target_tokens
 
 
-def curriculum_epochs(
-    steps: int, n_examples: int, batch_size: int, world_size: int, accumulate: int = 1
-) -> int:
-    """Whole epochs that cover ``steps`` optimizer steps (the data changes at epoch ends).
+class Draw(NamedTuple):
+    """What :class:`EpochShuffle` hands :class:`TrainingMix`: which draw of which example
+    (``index``, see :class:`TrainingMix`) and whether the curriculum still lasts."""
 
-    Each of ``world_size`` processes gets ``ceil(n / world_size)`` examples per epoch and
-    drops its last incomplete batch, as :class:`EpochShuffle` and the loader do. An optimizer
-    step takes ``accumulate`` of those batches, and Lightning also steps on the last,
-    partial group of an epoch, so an epoch holds ``ceil(batches / accumulate)`` steps.
-    """
-    if steps == 0:
-        return 0
-    batches_per_epoch = max(1, math.ceil(n_examples / world_size) // batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
-    return math.ceil(steps / steps_per_epoch)
+    index: int
+    short: bool
 
 
 @dataclass(frozen=True)
@@ -148,16 +139,28 @@ class EpochShuffle(DistributedSampler[int]):
     consumed positions are skipped as indices, and no skipped example is ever loaded.
 
     Lightning calls :meth:`set_epoch` before each epoch. With ``tag_epoch`` (for
-    :class:`TrainingMix`) indices are offset by ``epoch * n``, so the mix sees which draw
-    of an example it serves.
+    :class:`TrainingMix`) it hands out :class:`Draw` s: indices offset by ``epoch * n``, so
+    the mix sees which draw of an example it serves, and marked short while this process
+    has served fewer than ``short_batches`` batches of ``batch_size`` since training began
+    (the curriculum; counted in batches, so it ends at a step, not at an epoch's end: one
+    epoch of a large corpus can outlast a whole run).
     """
 
     def __init__(
-        self, n: int, seed: int, replicas: int = 1, rank: int = 0, tag_epoch: bool = True
+        self,
+        n: int,
+        seed: int,
+        replicas: int = 1,
+        rank: int = 0,
+        tag_epoch: bool = True,
+        batch_size: int = 1,
+        short_batches: int = 0,
     ) -> None:
         super().__init__(range(n), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
         self.n = n
         self.tag_epoch = tag_epoch
+        self.batch_size = batch_size
+        self.short_batches = short_batches
         self.resumed_at = ResumePoint(epoch=0, position=0, batches=0)
 
     def resume(self, point: ResumePoint, batch_size: int) -> None:
@@ -190,11 +193,15 @@ class EpochShuffle(DistributedSampler[int]):
         """Examples this process draws in an epoch served from ``position`` on."""
         return max(0, math.ceil((self.n - position) / self.num_replicas))
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[Draw]:
         order = stream_rng(ORDER_STREAM, self.seed, self.epoch).permutation(self.n)
-        start = self.start.position
-        positions = start + self.rank + self.num_replicas * np.arange(self.examples_from(start))
-        indices = order[positions % self.n]
-        if self.tag_epoch:
-            indices += self.epoch * self.n
-        return iter(indices.tolist())
+        start = self.start
+        draws = np.arange(self.examples_from(start.position))
+        indices = order[(start.position + self.rank + self.num_replicas * draws) % self.n]
+        if not self.tag_epoch:
+            return iter(indices.tolist())
+        batches_per_epoch = self.examples_from(0) // self.batch_size
+        batch = self.epoch * batches_per_epoch + start.batches + draws // self.batch_size
+        short = batch < self.short_batches
+        indices += self.epoch * self.n
+        return iter(map(Draw, indices.tolist(), short.tolist()))
