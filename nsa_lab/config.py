@@ -352,6 +352,18 @@ def _validate_train(t: DictConfig) -> None:
     )
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` store URI (MLflow's or Optuna's), else None.
+
+    Several things live beside a SQLite store (artifacts, the token cache, the Optuna
+    study, locks), so this is the one place that reads the path out of such a URI.
+    """
+    return Path(uri[len(SQLITE_PREFIX) :]) if uri.startswith(SQLITE_PREFIX) else None
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 

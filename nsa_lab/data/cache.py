@@ -44,13 +44,12 @@ from datasets import Dataset, Features, List, Value
 from filelock import FileLock
 from omegaconf import DictConfig
 
-from nsa_lab.config import ConfigError, DataConfig
+from nsa_lab.config import ConfigError, DataConfig, sqlite_path
 from nsa_lab.data.corpus import DocumentEncoder, DocumentSource, document_texts
 from nsa_lab.data.tokenizer import BPETokenizer, Tokenizer, token_dtype, train_bpe
 
 CACHE_FORMAT = 1  # bump when the content of an entry changes for the same key
 DEFAULT_FOLDER = "token_cache"
-SQLITE_PREFIX = "sqlite:///"
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
 # A map batch holds documents of about BATCH_BYTES in all (at most MAX_ROWS_PER_BATCH):
 # few python_source packages (one can be 50 MB), many short text rows.
@@ -70,8 +69,9 @@ def cache_dir_for(data_cfg: DictConfig | DataConfig, tracking_uri: str | None = 
     working directory."""
     if data_cfg.cache_dir is not None:
         return Path(data_cfg.cache_dir).expanduser()
-    if tracking_uri is not None and tracking_uri.startswith(SQLITE_PREFIX):
-        return Path(tracking_uri[len(SQLITE_PREFIX) :]).resolve().parent / DEFAULT_FOLDER
+    db = None if tracking_uri is None else sqlite_path(tracking_uri)
+    if db is not None:
+        return db.resolve().parent / DEFAULT_FOLDER
     return Path(DEFAULT_FOLDER)
 
 

@@ -29,7 +29,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from nsa_lab.config import ConfigError
+from nsa_lab.config import ConfigError, sqlite_path
 from nsa_lab.data import NSADataModule, cache_dir_for
 from nsa_lab.data.needle import (
     ANSWER_TOKENS,
@@ -52,7 +52,6 @@ MIN_DEFAULT_LENGTH = 2 * OVERHEAD_TOKENS
 # Trials per forward pass are capped so that a batch holds about this many tokens.
 TOKENS_PER_BATCH = 1 << 16
 _TOKENIZER = ByteTokenizer()
-SQLITE_PREFIX = "sqlite:///"
 
 
 @dataclass(frozen=True)
@@ -329,7 +328,7 @@ def _reachable_run(uri: str, run_id: str | None) -> tuple[MlflowClient | None, s
     reason = None
     if run_id is None:
         reason = "the checkpoint names no MLflow run"
-    elif uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_file():
+    elif (db := sqlite_path(uri)) is not None and not db.is_file():
         reason = f"the tracking store {uri} does not exist"
     else:
         client = MlflowClient(tracking_uri=uri)

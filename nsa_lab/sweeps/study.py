@@ -37,7 +37,7 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from nsa_lab.config import ConfigError
+from nsa_lab.config import SQLITE_PREFIX, ConfigError, sqlite_path
 from nsa_lab.sweeps.plan import SweepPlan
 from nsa_lab.sweeps.space import Scalar
 from nsa_lab.sweeps.spec import SweepSpec
@@ -55,12 +55,9 @@ StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 def default_storage(tracking_uri: str) -> str:
     """``optuna.db`` beside a SQLite MLflow store; in the current directory otherwise."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix):
-        folder = Path(tracking_uri[len(prefix) :]).resolve().parent
-    else:
-        folder = Path.cwd()
-    return f"{prefix}{folder / 'optuna.db'}"
+    db = sqlite_path(tracking_uri)
+    folder = Path.cwd() if db is None else db.resolve().parent
+    return f"{SQLITE_PREFIX}{folder / 'optuna.db'}"
 
 
 def make_storage(url: str, on_stale: StaleCallback | None = None) -> RDBStorage:
@@ -183,9 +180,9 @@ def _process_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def claim_lock(storage_url: str, study_name: str) -> Iterator[None]:
     """An exclusive lock shared by this machine's workers (released if a holder dies)."""
-    prefix = "sqlite:///"
-    if storage_url.startswith(prefix):
-        path = Path(storage_url[len(prefix) :] + f".{study_name}.lock")
+    db = sqlite_path(storage_url)
+    if db is not None:
+        path = Path(f"{db}.{study_name}.lock")
     else:
         digest = hashlib.sha256(f"{storage_url} {study_name}".encode()).hexdigest()[:16]
         path = Path(tempfile.gettempdir()) / f"nsa-lab-sweep-{digest}.lock"

@@ -6,13 +6,15 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
+from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from nsa_lab.config import flatten, to_yaml
+from nsa_lab.config import flatten, sqlite_path, to_yaml
 from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
 from nsa_lab.training.loss_by_position import logged_losses_by_position
 
@@ -40,16 +42,29 @@ def git_commit() -> str:
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside a SQLite store (``<db dir>/mlartifacts``), not in the process's cwd."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+    db = sqlite_path(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def open_store(uri: str, experiment: str) -> None:
+    """Create the store's schema and ``experiment`` once, under a lock for a SQLite file.
+
+    Several trainings started together on a new SQLite store (one per GPU, say) would each
+    create its tables and the experiment, and all but one fail (``index ... already
+    exists``); the first one to hold the lock creates them, the others find them.
+    """
+    db = sqlite_path(uri)
+    with nullcontext() if db is None else FileLock(f"{db}.lock"):
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=artifact_location(uri))
 
 
 def make_logger(
     cfg: DictConfig, run_id: str | None = None, tags: Mapping[str, str] | None = None
 ) -> MLFlowLogger:
     """An MLflow logger for ``cfg``; ``run_id`` continues an existing run (resume)."""
+    open_store(cfg.tracking.uri, cfg.tracking.experiment)
     return MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name,
