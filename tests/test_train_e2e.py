@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 from mlflow.tracking import MlflowClient
 
 from nsa_lab.cli import main
 from nsa_lab.config import load_config
+from nsa_lab.models.flops import training_flops_per_token
 from nsa_lab.training import module as module_lib
+from nsa_lab.training.module import LanguageModel
 from nsa_lab.training.run import train
 from tests.conftest import SMOKE
 
@@ -151,3 +154,32 @@ def _wait_for_logged_steps(workdir: Path, proc: subprocess.Popen, timeout: float
             pass
         time.sleep(0.5)
     raise AssertionError("training never logged a step")
+
+
+class BatchCounter(L.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+
+def test_accumulated_run_steps_max_steps_times_and_logs_its_cost(workdir: Path):
+    """accumulate=2: max_steps optimizer steps of two micro-batches each; the run logs its
+    FLOPs per token, and on a CPU neither MFU nor GPU memory."""
+    counter = BatchCounter()
+    overrides = ["train.max_steps=3", "train.accumulate=2", "train.val_every=3"]
+    result = train(
+        load_config([SMOKE], smoke_args(workdir, *overrides, "train.log_every=1")[1:]),
+        callbacks=[counter],
+    )
+    assert result.global_step == 3 and counter.batches == 6
+    client, run = only_run(workdir)
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1, 2]  # one value per optimizer step
+    trained = LanguageModel.load_from_checkpoint(result.checkpoint)
+    cfg = trained.cfg
+    expected = training_flops_per_token(trained.model, cfg.attn, cfg.data.seq_len)
+    assert float(run.data.params["model.flops_per_token"]) == pytest.approx(expected)
+    assert run.data.metrics["train/tokens_per_s"] > 0
+    assert not {"train/mfu", "train/peak_mem_gib"} & set(run.data.metrics)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from nsa_lab.training.efficiency import GIB, device_peak_flops, model_flops_utilization
+
+PEAK_MEM_METRIC = "train/peak_mem_gib"
 
 
 def writes_logs(steps_taken: int, log_every: int) -> bool:
@@ -21,17 +27,48 @@ def writes_logs(steps_taken: int, log_every: int) -> bool:
     return steps_taken % log_every == 0
 
 
-class TokenThroughput(L.Callback):
-    """Logs ``train/tokens_per_s`` (all ranks' tokens) over each ``log_every`` window.
+class OptimizerStepWatch:
+    """Tells, at a batch's end, whether it completed an optimizer step whose logs are written.
 
-    Measured between batch ends, so data loading and the optimizer step count:
-    it is the throughput a researcher actually gets, not the model's forward alone.
+    With ``train.accumulate = k`` a step spans k micro-batches; only the last one moves
+    ``global_step``, and only then does Lightning write what was logged.
     """
 
     def __init__(self, log_every: int) -> None:
         self.log_every = log_every
+        self._seen_step = 0
+
+    def start(self, trainer: L.Trainer) -> None:
+        """Call at fit start: a resumed run starts at its checkpoint's step."""
+        self._seen_step = trainer.global_step
+
+    def logs_now(self, trainer: L.Trainer) -> bool:
+        stepped = trainer.global_step != self._seen_step
+        self._seen_step = trainer.global_step
+        return stepped and writes_logs(trainer.global_step, self.log_every)
+
+
+class TokenThroughput(L.Callback):
+    """Logs ``train/tokens_per_s`` (all ranks' tokens, every micro-batch's) over each
+    ``log_every`` window, and ``train/mfu`` where the GPU's peak is known.
+
+    Measured between batch ends, so data loading and the optimizer step count:
+    it is the throughput a researcher actually gets, not the model's forward alone.
+    ``flops_per_token`` maps a sequence length to training FLOPs per token, so batches
+    of a context-length curriculum count at their own length.
+    """
+
+    def __init__(self, log_every: int, flops_per_token: Callable[[int], float]) -> None:
+        self.watch = OptimizerStepWatch(log_every)
+        self.flops_per_token = flops_per_token
+        self.peak_flops: float | None = None
         self._t0: float | None = None
         self._tokens = 0
+        self._flops = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.watch.start(trainer)
+        self.peak_flops = device_peak_flops(pl_module.device)
 
     def on_train_batch_end(
         self,
@@ -42,19 +79,61 @@ class TokenThroughput(L.Callback):
         batch_idx: int,
     ) -> None:
         inputs = batch[0]
-        self._tokens += inputs.numel() * trainer.world_size
+        tokens = inputs.numel() * trainer.world_size
+        self._tokens += tokens
+        self._flops += tokens * self.flops_per_token(inputs.shape[-1])
         now = time.perf_counter()
-        if self._t0 is None:  # the first step pays for compilation and warm-up
-            self._t0, self._tokens = now, 0
-            return
-        if writes_logs(trainer.global_step, self.log_every) and now > self._t0:
-            pl_module.log(
-                "train/tokens_per_s",
-                self._tokens / (now - self._t0),
-                prog_bar=True,
-                rank_zero_only=True,
+        logs_now = self.watch.logs_now(trainer)
+        if self._t0 is None:  # the first batch pays for compilation and warm-up
+            self._restart(now)
+        elif logs_now and now > self._t0:
+            self._log(pl_module, now - self._t0, trainer.world_size)
+            self._restart(now)
+
+    def _restart(self, now: float) -> None:
+        self._t0, self._tokens, self._flops = now, 0, 0.0
+
+    def _log(self, pl_module: L.LightningModule, seconds: float, devices: int) -> None:
+        tokens_per_s = self._tokens / seconds
+        pl_module.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
+        if self.peak_flops is not None and self._tokens:
+            mfu = model_flops_utilization(
+                self._flops / self._tokens, tokens_per_s, self.peak_flops, devices
             )
-            self._t0, self._tokens = now, 0
+            pl_module.log("train/mfu", mfu, rank_zero_only=True)
+
+
+class PeakMemory(L.Callback):
+    """Logs ``train/peak_mem_gib``, the GPU memory high-water mark of rank 0
+    (``torch.cuda.max_memory_allocated``), on the log steps and once more at the end of
+    training, so the run's last value is its peak. Nothing on a CPU."""
+
+    def __init__(self, log_every: int) -> None:
+        self.watch = OptimizerStepWatch(log_every)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.watch.start(trainer)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.watch.logs_now(trainer) and pl_module.device.type == "cuda":
+            pl_module.log(PEAK_MEM_METRIC, peak_mem_gib(pl_module.device), rank_zero_only=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda" and trainer.is_global_zero and trainer.logger:
+            trainer.logger.log_metrics(
+                {PEAK_MEM_METRIC: peak_mem_gib(pl_module.device)}, step=trainer.global_step
+            )
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / GIB
 
 
 class RunIdInCheckpoint(L.Callback):

@@ -34,6 +34,28 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ).view_as(targets)
 
 
+class StepLossMean:
+    """The mean loss of one optimizer step's micro-batches (``train.accumulate`` of them).
+
+    Lightning scales each micro-batch's loss by ``1/accumulate`` before backward, so this
+    mean is the loss the step descends; it is what ``train/loss`` shows, also for
+    ``accumulate = 1`` (one micro-batch).
+    """
+
+    def __init__(self) -> None:
+        self._step = -1
+        self._sum = torch.zeros(())
+        self._count = 0
+
+    def add(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Adds a micro-batch of optimizer step ``step``; returns the step's mean so far."""
+        if step != self._step:
+            self._step, self._sum, self._count = step, torch.zeros((), device=loss.device), 0
+        self._sum = self._sum + loss.detach()
+        self._count += 1
+        return self._sum / self._count
+
+
 class LanguageModel(L.LightningModule):
     """Trains :class:`GQATransformer` on packed ``(inputs, targets)`` batches.
 
@@ -47,6 +69,7 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.cfg: DictConfig = OmegaConf.create(config)
         self.model = GQATransformer(self.cfg.model, self.cfg.attn, vocab_size)
+        self._step_loss = StepLossMean()
         self._val_buckets = position_buckets(self.cfg.data.seq_len)
         self._val_sums = torch.zeros(1 + len(self._val_buckets))
         self._val_count = 0
@@ -62,7 +85,7 @@ class LanguageModel(L.LightningModule):
         logits = self.model(inputs)
         losses = token_losses(logits, targets)
         loss = losses.mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", self._step_loss.add(self.global_step, loss), prog_bar=True)
         if self._is_log_step():
             self.log("train/seq_len", float(inputs.shape[1]))
             for key, value in self.model.gate_means().items():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import lightning as L
@@ -18,13 +19,16 @@ from nsa_lab.config import ConfigError
 from nsa_lab.data import NSADataModule, cache_dir_for
 from nsa_lab.evaluation.callback import NeedleEvalCallback
 from nsa_lab.evaluation.loading import CHECKPOINT_TAG
+from nsa_lab.models.flops import training_flops_per_token
 from nsa_lab.tracking.mlflow_run import finish, log_config, log_loss_curves, make_logger
 from nsa_lab.training.callbacks import (
     AtomicCheckpointIO,
     CheckpointOnCrash,
+    PeakMemory,
     RunIdInCheckpoint,
     TokenThroughput,
 )
+from nsa_lab.training.efficiency import check_compile, compile_blocks
 from nsa_lab.training.module import LanguageModel
 
 
@@ -51,6 +55,7 @@ def train(
     ``callbacks`` join the trainer's own (a sweep's pruning callback, say) and
     ``tags`` the run's (e.g. ``mlflow.parentRunId`` for a sweep trial).
     """
+    check_compile(cfg.train.compile, cfg.train.strategy)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     resume_path = resolve_resume(cfg)  # also fixes cfg.tracking.run_name
     data = NSADataModule(
@@ -62,6 +67,9 @@ def train(
     )
     data.setup("fit")  # data errors surface before a run is created
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
+    flops_per_token = lru_cache(partial(training_flops_per_token, module.model, cfg.attn))
+    if cfg.train.compile:
+        compile_blocks(module.model.blocks)
 
     if cfg.train.eval_needle:
         callbacks = [*callbacks, NeedleEvalCallback(cfg.train.strategy)]
@@ -69,7 +77,7 @@ def train(
     # The checkpoint tag lets `nsa-lab eval needle RUN_ID` find the weights.
     run_tags = {CHECKPOINT_TAG: str((ckpt_dir / "last.ckpt").resolve()), **(tags or {})}
     logger = make_logger(cfg, run_id=_run_id_in(resume_path), tags=run_tags)
-    trainer = _make_trainer(cfg, logger, ckpt_dir, callbacks)
+    trainer = _make_trainer(cfg, logger, ckpt_dir, callbacks, flops_per_token)
     # Only global rank 0 talks to MLflow (Lightning gives other ranks a no-op logger).
     run_id = logger.run_id if trainer.is_global_zero else None
     if trainer.is_global_zero:
@@ -82,6 +90,7 @@ def train(
                 **data.corpus_stats.params(),
             },
         )
+        log_new_params(logger, {"model.flops_per_token": flops_per_token(cfg.data.seq_len)})
         trainer.callbacks.append(RunIdInCheckpoint(run_id))
     ok = False
     try:
@@ -145,10 +154,14 @@ def _make_trainer(
     logger: MLFlowLogger,
     ckpt_dir: Path,
     extra_callbacks: Sequence[L.Callback],
+    flops_per_token: Callable[[int], float],
 ) -> L.Trainer:
+    """``max_steps`` counts optimizer steps, each of ``train.accumulate`` micro-batches;
+    the LR schedule (interval ``step``) also moves once per optimizer step."""
     t = cfg.train
     return L.Trainer(
         max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate,
         accelerator=t.accelerator,
         devices=_devices(t.devices),
         num_nodes=t.num_nodes,
@@ -168,10 +181,20 @@ def _make_trainer(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every
             ),
             CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
-            TokenThroughput(t.log_every),
+            TokenThroughput(t.log_every, flops_per_token),
+            PeakMemory(t.log_every),
             *extra_callbacks,
         ],
     )
+
+
+def log_new_params(logger: MLFlowLogger, params: Mapping[str, object]) -> None:
+    """Log those of ``params`` the run does not hold yet: MLflow refuses to change a
+    logged param, and a resumed run keeps the values of its first start."""
+    logged = logger.experiment.get_run(logger.run_id).data.params
+    new = {key: value for key, value in params.items() if key not in logged}
+    if new:
+        logger.log_hyperparams(new)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
