@@ -107,7 +107,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     from nsa_lab.sweeps.runner import run_sweep
     from nsa_lab.sweeps.spec import load_spec
 
-    spec = load_spec(ns.spec, ns.overrides, ns.trials, ns.workers, ns.storage)
+    spec = load_spec(ns.spec, ns.overrides, ns.trials, ns.workers, ns.storage, ns.gpus)
     try:
         result = run_sweep(spec)
     except KeyboardInterrupt:
@@ -273,7 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--trials", type=int, help="total trials the study should hold (default: the spec's)"
     )
-    sweep.add_argument("--workers", type=int, help="worker processes on this machine")
+    sweep.add_argument(
+        "--workers", type=int, help="worker processes on this machine (with --gpus: per GPU)"
+    )
+    sweep.add_argument(
+        "--gpus",
+        metavar="0,1,2,3",
+        help="GPU indices: one worker per GPU (or --workers per GPU), each pinned to its "
+        "GPU through CUDA_VISIBLE_DEVICES; the spec's workers field then does not apply",
+    )
     sweep.add_argument("--storage", help="Optuna RDB URL (default: optuna.db beside mlflow.db)")
     report = add(
         "report",

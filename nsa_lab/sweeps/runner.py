@@ -1,8 +1,10 @@
 """``nsa-lab sweep``: plan, open (or resume) the study, run the workers, wrap up.
 
-With ``workers: 1`` trials run in this process. With K > 1 this process coordinates K
-spawned worker processes that share the study through its RDB storage; each worker
-claims trials until the budget is met (see :mod:`nsa_lab.sweeps.study`). Signals:
+With ``workers: 1`` trials run in this process. With K > 1, or with ``--gpus``, this
+process coordinates K spawned worker processes that share the study through its RDB
+storage; each worker claims trials until the budget is met (see
+:mod:`nsa_lab.sweeps.study`). With ``--gpus`` each worker starts pinned to one GPU
+(:mod:`nsa_lab.sweeps.gpus`). Signals:
 Ctrl-C reaches every process of the terminal's group; SIGTERM (``timeout``, a batch
 system) is forwarded to the workers; a worker whose coordinator vanished (SIGKILL)
 stops on its own. Every interrupted trial is marked failed and redone on the next run;
@@ -11,12 +13,14 @@ finished trials are never repeated.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -76,9 +80,11 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
 
 def _announce(plan: SweepPlan, storage_url: str, study: optuna.Study) -> None:
     spec, counts = plan.spec, tally(study.get_trials())
+    on_gpus = f" on GPUs {','.join(spec.gpus)}" if spec.gpus else ""
     print(
         f"sweep {spec.study_name}: {counts['counted']}/{plan.n_trials} trials done, "
-        f"{spec.workers} worker(s), storage {storage_url}, MLflow experiment {spec.experiment}",
+        f"{spec.workers} worker(s){on_gpus}, storage {storage_url}, "
+        f"MLflow experiment {spec.experiment}",
         flush=True,
     )
     for point, why in plan.skipped:
@@ -105,22 +111,16 @@ def work(plan: SweepPlan, storage_url: str, worker: int, parent_id: str) -> None
 
 def _run_workers(plan: SweepPlan, storage_url: str, parent_id: str) -> list[int]:
     """Run the workers; returns the indices of those that exited with an error."""
-    if plan.spec.workers == 1:
+    spec = plan.spec
+    if spec.workers == 1 and not spec.gpus:
         with SigtermAsInterrupt():
             work(plan, storage_url, 0, parent_id)
         return []
-    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/CUDA/DB state
-    procs = [
-        ctx.Process(
-            target=_worker_main,
-            args=(plan, storage_url, i, parent_id, os.getpid()),
-            name=f"sweep-worker-{i}",
-        )
-        for i in range(plan.spec.workers)
-    ]
+    worker_args = [(plan, storage_url, i, parent_id, os.getpid()) for i in range(spec.workers)]
     with SigtermAsInterrupt() as got_sigterm:
-        for p in procs:
-            p.start()
+        procs = start_workers(
+            _worker_main, worker_args, [spec.gpu_of(i) for i in range(spec.workers)]
+        )
         try:
             for p in procs:
                 p.join()
@@ -128,6 +128,38 @@ def _run_workers(plan: SweepPlan, storage_url: str, parent_id: str) -> list[int]
             _stop_workers(procs, forward=got_sigterm.is_set())
             raise
     return [i for i, p in enumerate(procs) if p.exitcode != 0]
+
+
+def start_workers(
+    target: Callable[..., None], worker_args: Sequence[tuple], gpus: Sequence[str | None]
+) -> list[mp.Process]:
+    """Start worker ``i`` as ``target(*worker_args[i])`` in a fresh (spawned) interpreter,
+    with no forked torch/CUDA/DB state, and ``CUDA_VISIBLE_DEVICES=gpus[i]`` in its
+    environment from the start (None: this process's own)."""
+    ctx = mp.get_context("spawn")
+    procs = []
+    for i, (args, gpu) in enumerate(zip(worker_args, gpus, strict=True)):
+        proc = ctx.Process(target=target, args=args, name=f"sweep-worker-{i}")
+        with _environment("CUDA_VISIBLE_DEVICES", gpu):
+            proc.start()
+        procs.append(proc)
+    return procs
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (a spawned child inherits it), then
+    as before; None leaves the variable alone."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _stop_workers(procs: list[mp.Process], forward: bool) -> None:

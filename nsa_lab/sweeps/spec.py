@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nsa_lab.config import ConfigError, flatten, load_config
 from nsa_lab.sweeps.constraints import Constraint, context_rules, parse_constraint
+from nsa_lab.sweeps.gpus import parse_gpus, visible_gpus
 from nsa_lab.sweeps.space import ParamSpec, as_override, parse_param
 
 FIELDS = (
@@ -89,7 +90,11 @@ class Objective:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A validated spec plus the command line's overrides, trial count and workers."""
+    """A validated spec plus the command line's overrides, trial count, workers and GPUs.
+
+    ``gpus`` holds the ``CUDA_VISIBLE_DEVICES`` value of each GPU the workers are pinned
+    to (empty: no pinning); worker ``i`` gets ``gpus[i % len(gpus)]``.
+    """
 
     name: str
     source: Path
@@ -107,6 +112,7 @@ class SweepSpec:
     storage: str | None
     keep_checkpoints: bool
     description: str = ""
+    gpus: tuple[str, ...] = ()
     base_digest: str = field(default="", repr=False)
 
     @property
@@ -147,6 +153,10 @@ class SweepSpec:
             }
         )
 
+    def gpu_of(self, worker: int) -> str | None:
+        """The GPU worker ``worker`` is pinned to, None without ``--gpus``."""
+        return self.gpus[worker % len(self.gpus)] if self.gpus else None
+
     def make_sampler(self, worker: int = 0) -> optuna.samplers.BaseSampler:
         """A fresh sampler; workers offset the seed so they do not draw the same points."""
         kwargs = {k: v for k, v in self.sampler.items() if k != "type"}
@@ -175,9 +185,15 @@ def load_spec(
     trials: int | None = None,
     workers: int | None = None,
     storage: str | None = None,
+    gpus: str | None = None,
 ) -> SweepSpec:
-    """Read and validate ``path``; command-line values win over the spec's."""
+    """Read and validate ``path``; command-line values win over the spec's.
+
+    With ``gpus`` (``"0,1,2,3"``) the sweep runs ``workers`` (default 1) workers on each
+    listed GPU, and the spec's own ``workers`` field does not apply.
+    """
     path = Path(path)
+    devices = parse_gpus(gpus, visible_gpus()) if gpus is not None else ()
     raw = _read_yaml(path)
     _only_known_fields(raw)
     name = _name(raw.get("name", path.stem))
@@ -197,14 +213,22 @@ def load_spec(
         sampler=_component(raw.get("sampler", {"type": "tpe"}), "sampler", SAMPLERS),
         pruner=_component(raw.get("pruner", {"type": "none"}), "pruner", PRUNERS),
         trials=_positive("trials", trials if trials is not None else raw.get("trials")),
-        workers=_positive("workers", workers if workers is not None else raw.get("workers", 1)),
+        workers=_worker_count(raw, workers, len(devices)),
         storage=storage or raw.get("storage"),
         keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
         description=str(raw.get("description", "")),
         base_digest=_digest([Path(f).read_text() for f in base]),
+        gpus=devices,
     )
     _check_components(spec)
     return spec
+
+
+def _worker_count(raw: Mapping[str, Any], cli_workers: int | None, n_gpus: int) -> int:
+    """Workers in all: ``--workers`` or the spec's; with GPUs, ``--workers`` per GPU."""
+    if n_gpus:
+        return n_gpus * _positive("--workers", cli_workers if cli_workers is not None else 1)
+    return _positive("workers", cli_workers if cli_workers is not None else raw.get("workers", 1))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
