@@ -284,3 +284,10 @@ def test_concurrent_prepare_processes_build_once(workdir: Path) -> None:
     built = ["built in" in out for out, _ in outputs]
     assert sorted(built) == [False, True]
     assert len(list((workdir / "token_cache").glob("text-*/tokens.bin"))) == 1
+
+
+def test_prepare_has_help_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--help"])
+    assert exit_info.value.code == 0
+    assert "example: nsa-lab prepare" in capsys.readouterr().out
