@@ -119,7 +119,7 @@ def test_curriculum_trains_short_rows_first_and_logs_the_answer_loss(workdir: Pa
         "data.seq_len=256",
         "data.needle_fraction=1.0",
         "data.curriculum_seq_len=128",
-        "data.curriculum_steps=3",  # two epochs: four steps
+        "data.curriculum_steps=3",  # steps 1-3 short, across an epoch's end
         "train.max_steps=8",
         "train.log_every=2",
     )
@@ -127,7 +127,7 @@ def test_curriculum_trains_short_rows_first_and_logs_the_answer_loss(workdir: Pa
     client, run = only_run(workdir)
     run_id = run.info.run_id
     seq_lens = [m.value for m in client.get_metric_history(run_id, "train/seq_len")]
-    assert seq_lens == [128.0, 128.0, 256.0, 256.0]  # logged after steps 2, 4, 6 and 8
+    assert seq_lens == [128.0, 256.0, 256.0, 256.0]  # logged after steps 2, 4, 6 and 8
     answer_losses = client.get_metric_history(run_id, "train/answer_loss")
     assert len(answer_losses) == 4 and all(m.value > 0 for m in answer_losses)
     assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, "train/answer_acc"))
