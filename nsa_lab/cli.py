@@ -126,7 +126,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
     from nsa_lab.sweeps.report import write_report
 
     cfg = _config_from(ns)
-    print(write_report(ns.target, cfg.tracking.uri, ns.out), end="")
+    if ns.step is not None and ns.step < 0:
+        raise ConfigError("--step", ns.step, "must be >= 0 (an optimizer step)")
+    print(write_report(ns.target, cfg.tracking.uri, ns.out, ns.step), end="")
     return 0
 
 
@@ -286,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = add(
         "report",
         cmd_report,
-        "Compare runs: a table (val loss, needle accuracy, tokens/s, attended tokens) "
-        "and overlaid validation-loss curves, printed and logged to MLflow.",
+        "Compare runs: a table (val loss, needle accuracy, tokens/s, MFU, peak memory, "
+        "parameters, attended tokens), loss by position, and overlaid curves, printed and "
+        "logged to MLflow.",
         "nsa-lab report ablations tracking.uri=sqlite:///mlflow.db --out report/",
         config=False,
     )
@@ -299,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the runs are logged, e.g. tracking.uri=sqlite:///mlflow.db",
     )
     report.add_argument("--out", help="also write report.md and the plot into this folder")
+    report.add_argument(
+        "--step",
+        type=int,
+        help="compare at equal steps: each run's last validation at or before step N "
+        "(runs cut before their end included)",
+    )
     return parser
 
 

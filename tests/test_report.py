@@ -92,6 +92,31 @@ def test_report_of_parent_run_and_of_experiment(workdir: Path, capsys):
     assert len(reports) == 1 and reports[0].info.status == "FINISHED"
     assert main(["report", "rep", uri]) == 0  # a report run is not itself reported
     assert len(table_rows(capsys.readouterr().out, "rep")) == 4
+    assert_report_at_an_earlier_step(client, uri, children, capsys)
+
+
+def assert_report_at_an_earlier_step(client: MlflowClient, uri: str, children, capsys) -> None:
+    """``--step N``: values of each run's last validation at or before N, cut runs included."""
+    history = {
+        c.info.run_name: {
+            m.step: m.value for m in client.get_metric_history(c.info.run_id, "val/loss")
+        }
+        for c in children
+    }
+    first = min(min(steps) for steps in history.values())
+    cut = children[0]
+    client.set_terminated(cut.info.run_id, status="FAILED")  # as a run cut by a time limit
+    assert main(["report", "rep", uri]) == 0
+    assert cut.info.run_name not in {r[0] for r in table_rows(capsys.readouterr().out, "rep")}
+    assert main(["report", "rep", uri, "--step", str(first)]) == 0
+    rows = table_rows(capsys.readouterr().out, "rep-")
+    assert len(rows) == 4
+    for cells in rows.values():
+        assert cells[4] == str(first)
+        assert cells[5] == f"{history[cells[0]][first]:.4f}"
+        params = next(c for c in children if c.info.run_name == cells[0]).data.params
+        assert cells[10] == f"{int(params['model.n_params']) / 1e6:.1f}M"
+    assert main(["report", "rep", uri, "--step", "-1"]) == 2
 
 
 def assert_position_table(markdown: str, children) -> None:

@@ -1,12 +1,17 @@
 """``nsa-lab report``: compare the runs of an experiment or of a sweep's parent run.
 
 Writes a markdown table (final validation loss, needle accuracy when logged, training
-tokens/s, attended tokens per query), when runs repeat a config over seeds a summary
-per config, and when runs logged it a table of the last validation's loss by position
-bucket; plus one plot of every run's validation-loss curve and one of every run's loss
-by position. All go to stdout / ``--out`` and into MLflow: under ``report/`` of the
-parent run, or of a new run named ``report`` (tag ``sweep.kind=report``) when the target
-is an experiment.
+tokens/s, MFU, peak GPU memory, parameters, attended tokens per query), when runs
+repeat a config over seeds a summary per config, and when runs logged it a table of the
+last validation's loss by position bucket; plus one plot of every run's validation-loss
+curve and one of every run's loss by position. All go to stdout / ``--out`` and into
+MLflow: under ``report/`` of the parent run, or of a new run named ``report`` (tag
+``sweep.kind=report``) when the target is an experiment.
+
+``at_step`` (``--step N``) compares runs at equal steps, hence equal tokens when they
+share batch and context: every value is read at each run's last validation at or before
+step N, and runs cut before their end (a time limit, a crash) are compared too, since
+what they logged up to N is as valid as a finished run's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from nsa_lab.config import ConfigError
-from nsa_lab.sweeps.cost import AttnShape, attended_tokens_per_query
+from nsa_lab.models.flops import AttnShape, attended_tokens_per_query
 from nsa_lab.tracking.mlflow_run import RUN_ID
 from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
 from nsa_lab.training.loss_by_position import PositionBucket, logged_losses_by_position
@@ -58,6 +63,9 @@ class RunRow:
     val_loss: float | None
     needle_acc: float | None
     tokens_per_s: float | None
+    mfu: float | None
+    peak_mem_gib: float | None
+    n_params: int | None
     attended: float | None
     state: str
     group: tuple[tuple[str, str], ...]
@@ -65,14 +73,18 @@ class RunRow:
     by_position: tuple[tuple[PositionBucket, float], ...]  # the last validation's
 
 
-def write_report(target: str, tracking_uri: str, out_dir: str | None = None) -> str:
+def write_report(
+    target: str, tracking_uri: str, out_dir: str | None = None, at_step: int | None = None
+) -> str:
     """Build the report for ``target`` (experiment name or parent run id), log it to
-    MLflow, optionally write it into ``out_dir``; returns the markdown."""
+    MLflow, optionally write it into ``out_dir``; returns the markdown. ``at_step``: see
+    the module doc."""
     client = MlflowClient(tracking_uri)
     runs, parent_id, experiment_id = find_runs(client, target, tracking_uri)
-    kept = [r for r in runs if not superseded(r)]
-    rows = sorted((run_row(client, r) for r in kept), key=_by_val_loss)
-    markdown = render_markdown(target, rows, left_out=len(runs) - len(kept))
+    kept = [r for r in runs if not superseded(r, at_step is not None)]
+    rows = [run_row(client, r, at_step) for r in kept]
+    rows = sorted((r for r in rows if at_step is None or r.val_step is not None), key=_by_val_loss)
+    markdown = render_markdown(target, rows, left_out=len(runs) - len(rows), at_step=at_step)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "report.md").write_text(markdown)
@@ -110,27 +122,45 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> lis
     return [r for r in runs if r.data.tags.get("sweep.kind") not in NOT_COMPARED]
 
 
-def superseded(run: Run) -> bool:
+def superseded(run: Run, unfinished_ok: bool = False) -> bool:
     """A sweep trial that was interrupted or lost its worker: the sweep redoes it, so
-    counting it too would compare one config twice. Also a run that never ended."""
+    counting it too would compare one config twice. Also a run that never ended, unless
+    ``unfinished_ok`` (a comparison at a step it reached)."""
     outcome = run.data.tags.get("sweep.outcome")
-    return outcome in SUPERSEDED or (outcome is None and run.info.status != "FINISHED")
+    unfinished = outcome is None and run.info.status != "FINISHED"
+    return outcome in SUPERSEDED or (unfinished and not unfinished_ok)
 
 
-def run_row(client: MlflowClient, run: Run) -> RunRow:
-    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    val_history = client.get_metric_history(run.info.run_id, "val/loss")
-    speed = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
+def run_row(client: MlflowClient, run: Run, at_step: int | None = None) -> RunRow:
+    """What the report shows of ``run``: its last values, or those at ``at_step``."""
+    params, tags = run.data.params, run.data.tags
+
+    def history(key: str) -> list:
+        logged = client.get_metric_history(run.info.run_id, key)
+        return [m for m in logged if at_step is None or m.step <= at_step]
+
+    val_history = history("val/loss")
+    val_step = max((m.step for m in val_history), default=None)
+    metrics = dict(run.data.metrics)
+    if at_step is not None:  # the values of the last validation at or before the step
+        validated = [k for k in metrics if k.startswith("val/")]
+        metrics = {k: m.value for k in validated for m in history(k) if m.step == val_step}
+    speed = [m.value for m in history("train/tokens_per_s")]
+    mfu = [m.value for m in history("train/mfu")]
+    memory = [m.value for m in history("train/peak_mem_gib")]
     return RunRow(
         run_id=run.info.run_id,
         name=run.info.run_name or run.info.run_id[:8],
         variant=params.get("attn.name", tags.get("variant", "?")),
         blocks=_blocks(params),
         seed=params.get("train.seed", "-"),
-        val_step=max((m.step for m in val_history), default=None),
+        val_step=val_step,
         val_loss=metrics.get("val/loss"),
-        needle_acc=metrics.get(NEEDLE_METRIC),
+        needle_acc=None if at_step is not None else metrics.get(NEEDLE_METRIC),
         tokens_per_s=statistics.median(speed) if speed else None,
+        mfu=statistics.median(mfu) if mfu else None,
+        peak_mem_gib=max(memory, default=None),
+        n_params=int(params["model.n_params"]) if "model.n_params" in params else None,
         attended=_attended(params),
         state=tags.get("sweep.outcome", run.info.status.lower()),
         group=tuple(sorted((k, v) for k, v in params.items() if k not in GROUP_IGNORED)),
@@ -169,19 +199,28 @@ def _by_val_loss(row: RunRow) -> tuple[bool, float]:
     return row.val_loss is None, row.val_loss if row.val_loss is not None else 0.0
 
 
-def render_markdown(target: str, rows: Sequence[RunRow], left_out: int = 0) -> str:
+def render_markdown(
+    target: str, rows: Sequence[RunRow], left_out: int = 0, at_step: int | None = None
+) -> str:
     needle = any(r.needle_acc is not None for r in rows)
     dropped = f" ({left_out} interrupted or unfinished runs left out)" if left_out else ""
+    if at_step is not None:
+        dropped = f" ({left_out} left out)" if left_out else ""
+        when = f"by validation loss at the last validation at or before step {at_step}"
+    else:
+        when = "by final validation loss"
     lines = [
         f"# Report: {target}",
         "",
-        f"{len(rows)} runs{dropped}, sorted by final validation loss (nats per token). "
-        "tokens/s: median of train/tokens_per_s; attended/query: mean keys a query attends "
-        "to at data.seq_len (nsa_lab/sweeps/cost.py); blocks: l/d/l'/n/w.",
+        f"{len(rows)} runs{dropped}, sorted {when} (nats per token). "
+        "tokens/s, MFU: medians of train/tokens_per_s and train/mfu; peak GiB: the largest "
+        "train/peak_mem_gib; attended/query: mean keys a query attends to at data.seq_len "
+        "(nsa_lab/models/flops.py); blocks: l/d/l'/n/w.",
         "",
     ]
     head = ["run", "variant", "blocks", "seed", "val step", "val loss"]
-    head += ["needle acc"] * needle + ["tokens/s", "attended/query", "state"]
+    head += ["needle acc"] * needle
+    head += ["tokens/s", "attended/query", "MFU", "peak GiB", "params", "state"]
     table = [head]
     for r in rows:
         cells = [
@@ -193,7 +232,14 @@ def render_markdown(target: str, rows: Sequence[RunRow], left_out: int = 0) -> s
             _fmt(r.val_loss, ".4f"),
         ]
         cells += [_fmt(r.needle_acc, ".3f")] * needle
-        cells += [_fmt(r.tokens_per_s, ",.0f"), _fmt(r.attended, ".1f"), r.state]
+        cells += [
+            _fmt(r.tokens_per_s, ",.0f"),
+            _fmt(r.attended, ".1f"),
+            "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+            _fmt(r.peak_mem_gib, ".2f"),
+            "-" if r.n_params is None else f"{r.n_params / 1e6:.1f}M",
+            r.state,
+        ]
         table.append(cells)
     lines += _table(table)
     summary = _summary(rows)
@@ -205,7 +251,8 @@ def render_markdown(target: str, rows: Sequence[RunRow], left_out: int = 0) -> s
             "",
             "## Validation loss by position",
             "",
-            "Last validation of each run, mean loss of the target positions in each bucket "
+            f"{'Last validation' if at_step is None else f'Validation at or before step {at_step}'}"
+            " of each run, mean loss of the target positions in each bucket "
             "(val/loss_pos/*, nats per token).",
             "",
             *_table(by_position),
