@@ -332,15 +332,17 @@ def plot_position_curves(rows: Sequence[RunRow], path: Path) -> None:
 
 
 def _curve_labels(rows: Sequence[RunRow]) -> list[tuple[str, RunRow]]:
-    """Runs in (config, seed) order, labelled by variant (or blocks) and seed, unique."""
+    """Runs in (config, seed) order, labelled by variant (or blocks) and seed; runs that
+    would share a label (e.g. two model sizes of one variant) all carry their run name."""
     one_variant = len({r.variant for r in rows}) == 1
-    labelled: dict[str, RunRow] = {}
-    for r in sorted(rows, key=lambda r: (r.variant, r.blocks, r.seed)):
-        name = r.blocks if one_variant and r.blocks != "-" else r.variant
-        label = f"{name} s{r.seed}"
-        label = f"{label} ({r.name})" if label in labelled else label
-        labelled[label] = r
-    return list(labelled.items())
+    ordered = sorted(rows, key=lambda r: (r.variant, r.blocks, r.seed))
+    short = [
+        f"{r.blocks if one_variant and r.blocks != '-' else r.variant} s{r.seed}" for r in ordered
+    ]
+    return [
+        (label if short.count(label) == 1 else f"{label} ({r.name})", r)
+        for label, r in zip(short, ordered, strict=True)
+    ]
 
 
 def _paired_colours() -> contextlib.AbstractContextManager:
