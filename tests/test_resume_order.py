@@ -37,12 +37,12 @@ def write_corpus(folder: Path, words: int) -> Path:
 # --- unit: loader state --------------------------------------------------------------------
 
 PLAIN = {"seq_len": 256}
-# Needles in every epoch, and a curriculum that makes epoch 0 short and epoch 1 full, so a
-# resume in the wrong epoch shows in the shapes as well as in the needles.
+# Needles in every epoch, and a curriculum whose first step is short, so that a resume
+# shows in the shapes as well as in the needles where it starts the order anew.
 MIXED = {"seq_len": 256, "needle_fraction": 0.5, "curriculum_seq_len": 128, "curriculum_steps": 1}
 
 
-def datamodule(tmp_path: Path, workers: int, **options: Any) -> NSADataModule:
+def datamodule(tmp_path: Path, workers: int, accumulate: int = 1, **options: Any) -> NSADataModule:
     cfg = OmegaConf.structured(DataConfig)
     cfg.merge_with(
         {
@@ -54,7 +54,7 @@ def datamodule(tmp_path: Path, workers: int, **options: Any) -> NSADataModule:
             **options,
         }
     )
-    data = NSADataModule(cfg, seed=3)
+    data = NSADataModule(cfg, seed=3, accumulate=accumulate)
     data.setup("fit")
     return data
 
@@ -173,21 +173,9 @@ def test_a_resume_on_fewer_processes_continues_the_same_order():
 
 
 def test_datamodule_curriculum_lasts_its_optimizer_steps_under_accumulation(tmp_path):
-    cfg = OmegaConf.structured(DataConfig)
-    cfg.merge_with(
-        {
-            "source": "text",
-            "path": str(write_corpus(tmp_path, 2000)),
-            "cache_dir": str(tmp_path / "cache"),
-            "batch_size": BATCH,
-            "seq_len": 64,
-            "curriculum_seq_len": 32,
-            "curriculum_steps": 3,
-        }
-    )
+    short = {"seq_len": 64, "curriculum_seq_len": 32, "curriculum_steps": 3}
     for accumulate in (1, 4):
-        data = NSADataModule(cfg, seed=0, accumulate=accumulate)
-        data.setup("fit")
+        data = datamodule(tmp_path, 0, accumulate, **short)
         loader = data.train_dataloader()
         assert isinstance(data.train_set, TrainingMix)
         rows = [batch[0].dim() == 3 for _, batch in zip(range(16), loader, strict=False)]
