@@ -78,11 +78,13 @@ def make_logger(
 def log_config(logger: MLFlowLogger, cfg: DictConfig, extra: dict[str, object]) -> None:
     """Flat params (``attn.l``...) plus the resolved YAML as ``config.yaml``.
 
-    MLflow refuses to change a logged param, so a resumed run logs params only once.
+    MLflow refuses to change a logged param, so a resumed run logs only the params it
+    does not hold yet and keeps the values of its first start.
     """
-    run = logger.experiment.get_run(logger.run_id)
-    if not run.data.params:
-        logger.log_hyperparams({**flatten(cfg), **extra})
+    logged = logger.experiment.get_run(logger.run_id).data.params
+    new = {k: v for k, v in {**flatten(cfg), **extra}.items() if k not in logged}
+    if new:
+        logger.log_hyperparams(new)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(to_yaml(cfg))

@@ -87,10 +87,10 @@ def train(
             {
                 "model.n_params": module.model.num_params(),
                 "data.train_tokens": data.n_train_tokens,
+                "model.flops_per_token": flops_per_token(cfg.data.seq_len),
                 **data.corpus_stats.params(),
             },
         )
-        log_new_params(logger, {"model.flops_per_token": flops_per_token(cfg.data.seq_len)})
         trainer.callbacks.append(RunIdInCheckpoint(run_id))
     ok = False
     try:
@@ -186,15 +186,6 @@ def _make_trainer(
             *extra_callbacks,
         ],
     )
-
-
-def log_new_params(logger: MLFlowLogger, params: Mapping[str, object]) -> None:
-    """Log those of ``params`` the run does not hold yet: MLflow refuses to change a
-    logged param, and a resumed run keeps the values of its first start."""
-    logged = logger.experiment.get_run(logger.run_id).data.params
-    new = {key: value for key, value in params.items() if key not in logged}
-    if new:
-        logger.log_hyperparams(new)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
