@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from nsa_lab.config import ConfigError, load_config, to_yaml
+from nsa_lab.config import ConfigError, load_config, parse_lengths, parse_names, to_yaml
 
 EXIT_USAGE = 2
 
@@ -93,14 +93,57 @@ def cmd_ui(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    from nsa_lab.benchmarks import parse_lengths, run_kernel_bench
+    lengths = parse_lengths(ns.lengths)
+    if not lengths or min(lengths) < 1:
+        raise ConfigError("--lengths", ns.lengths, "must be positive token counts")
+    if ns.what == "kernels":
+        from nsa_lab.benchmarks.kernels import run_kernel_bench
 
-    report = run_kernel_bench(parse_lengths(ns.lengths))
+        report = run_kernel_bench(lengths)
+    else:
+        report = _train_bench(ns, lengths)
     print(report)
     if ns.out:
         with open(ns.out, "w") as f:
             f.write(report + "\n")
     return 0
+
+
+def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
+    """``nsa-lab bench train``: its options checked (and the config it builds) before any run."""
+    from nsa_lab.attention import list_variants
+    from nsa_lab.benchmarks.training import RESEARCH_MODEL, run_train_bench
+
+    variants, known = parse_names(ns.variants), [v.name for v in list_variants()]
+    if not variants or any(v not in known for v in variants):
+        raise ConfigError("--variants", ns.variants, f"must name registered variants: {known}")
+    for option in ("batch", "steps", "warmup"):
+        if getattr(ns, option) < 1:
+            raise ConfigError(f"--{option}", getattr(ns, option), "must be >= 1")
+    if ns.device.startswith("cuda") and not _cuda_available():
+        raise ConfigError("--device", ns.device, "needs a CUDA GPU, and this machine has none")
+    if ns.profile and not ns.device.startswith("cuda"):
+        raise ConfigError("--profile", True, "profiles GPU kernels: needs --device cuda")
+    for variant in variants:  # every row's config is valid before the first one runs
+        seq = [f"model.max_seq_len={max(lengths)}", f"data.seq_len={max(lengths)}"]
+        load_config(overrides=[*RESEARCH_MODEL, *ns.overrides, f"attn.name={variant}", *seq])
+    return run_train_bench(
+        lengths,
+        variants,
+        batch=ns.batch,
+        steps=ns.steps,
+        warmup=ns.warmup,
+        compile_model=ns.compile,
+        overrides=ns.overrides,
+        device=ns.device,
+        profile=ns.profile,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
@@ -133,7 +176,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from nsa_lab.evaluation.needle import evaluate_run, parse_depths, parse_lengths
+    from nsa_lab.config import parse_depths
+    from nsa_lab.evaluation.needle import evaluate_run
 
     options = {
         "lengths": parse_lengths(ns.lengths) if ns.lengths else None,
@@ -227,13 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add(
         "bench",
         cmd_bench,
-        "Time the Triton NSA kernels against dense SDPA, and training steps (needs a GPU).",
-        "nsa-lab bench kernels --lengths 8k,16k,32k,64k --out bench.md",
+        "Time on a GPU. kernels: the Triton NSA kernels against dense SDPA, per stage, and "
+        "a training step. train: end-to-end training steps per attention variant (tokens/s, "
+        "MFU, peak memory, time to the first step), each in a fresh process; the model is "
+        "the small research shape (6 layers, d_model 512, 8 heads in 2 groups of 64) unless "
+        "--set changes it.",
+        "nsa-lab bench train --lengths 8k,16k --variants full,nsa,window --set model.n_layers=4",
         config=False,
     )
-    bench.add_argument("what", choices=["kernels"], help="what to benchmark")
+    bench.add_argument("what", choices=["kernels", "train"], help="what to benchmark")
     bench.add_argument("--lengths", default="8k,16k,32k,64k", help="sequence lengths")
     bench.add_argument("--out", help="also write the markdown report to this file")
+    bench.add_argument(
+        "--variants", default="full,nsa,window,nsa_shared_kv", help="train: attention variants"
+    )
+    bench.add_argument("--batch", type=int, default=4, help="train: sequences per step")
+    bench.add_argument("--steps", type=int, default=20, help="train: timed steps (median)")
+    bench.add_argument("--warmup", type=int, default=5, help="train: untimed steps first")
+    bench.add_argument(
+        "--compile", action="store_true", help="train: torch.compile the blocks (train.compile)"
+    )
+    bench.add_argument("--device", default="cuda", help="train: cuda (default) or cpu")
+    bench.add_argument(
+        "--profile", action="store_true", help="train: also print each variant's GPU kernels"
+    )
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train: config overrides of the model (model.*, attn.*)",
+    )
     evaluate = add(
         "eval",
         cmd_eval,

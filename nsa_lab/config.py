@@ -381,3 +381,24 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
+
+
+def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
+    """A command-line length list: ``"256,512,1k"`` -> ``[256, 512, 1024]``."""
+    try:
+        return [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in parse_names(text)]
+    except ValueError:
+        raise ConfigError(option, text, "must be comma-separated token counts") from None
+
+
+def parse_depths(text: str) -> list[float]:
+    """``--depths``: ``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (fractions of the context)."""
+    try:
+        return [float(x) for x in parse_names(text)]
+    except ValueError:
+        raise ConfigError("--depths", text, "must be comma-separated fractions in [0, 1]") from None
+
+
+def parse_names(text: str) -> list[str]:
+    """A command-line list of names: ``"full, nsa"`` -> ``["full", "nsa"]``."""
+    return [x.strip().lower() for x in text.split(",") if x.strip()]

@@ -19,7 +19,7 @@ from nsa_lab.training import callbacks as callbacks_lib
 from nsa_lab.training.callbacks import TokenThroughput
 from nsa_lab.training.efficiency import (
     check_compile,
-    compile_blocks,
+    compile_model,
     device_peak_flops,
     model_flops_utilization,
     peak_flops,
@@ -202,7 +202,7 @@ def test_compiled_blocks_give_the_eager_logits_and_gradients(variant):
     torch.manual_seed(0)
     eager = GQATransformer(cfg.model, cfg.attn, VOCAB)
     compiled = copy.deepcopy(eager)
-    compile_blocks(compiled.blocks, backend="aot_eager")
+    compile_model(compiled, backend="aot_eager")
     idx = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
     for model in (eager, compiled):
         logits = model(idx)

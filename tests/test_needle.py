@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from nsa_lab.config import ConfigError, DataConfig, load_config
+from nsa_lab.config import ConfigError, DataConfig, load_config, parse_depths, parse_lengths
 from nsa_lab.data import NSADataModule, PackedExamples
 from nsa_lab.data.mix import Draw, EpochShuffle, TrainingMix
 from nsa_lab.data.needle import (
@@ -37,8 +37,6 @@ from nsa_lab.evaluation.needle import (
     greedy_answers,
     greedy_continuation,
     make_grid,
-    parse_depths,
-    parse_lengths,
 )
 from nsa_lab.evaluation.results import CellResult, NeedleResults, markdown_table, write_results
 from nsa_lab.models import GQATransformer

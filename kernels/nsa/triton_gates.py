@@ -12,6 +12,7 @@ the gate gradients. Sums run in float32.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import triton
@@ -35,7 +36,7 @@ def gated_sum_triton(
     check_gates(gates, branches)
     if not 1 <= len(branches) <= MAX_BRANCHES:
         raise ValueError(f"the kernel mixes 1 to {MAX_BRANCHES} branches, not {branches}")
-    return _GatedSum.apply(gates, *(outputs[name] for name in branches))
+    return _gated_sum_op(gates, [outputs[name] for name in branches])
 
 
 def _launch_meta(dv: int) -> dict[str, int]:
@@ -48,39 +49,62 @@ def _padded(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors + [tensors[0]] * (MAX_BRANCHES - len(tensors))
 
 
-class _GatedSum(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, gates: torch.Tensor, *outputs: torch.Tensor
-    ) -> torch.Tensor:
-        gates = gates.contiguous()
-        outputs = tuple(o.contiguous() for o in outputs)
-        dtype = torch.result_type(gates, outputs[0])
-        out = torch.empty(outputs[0].shape, dtype=dtype, device=gates.device)
-        rows, dv = out.numel() // out.shape[-1], out.shape[-1]
-        meta = _launch_meta(dv)
-        _gated_sum_fwd_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
-            gates, *_padded(list(outputs)), out, rows, dv,
-            N_BRANCHES=len(outputs), **meta,
-        )  # fmt: skip
-        ctx.save_for_backward(gates, *outputs)
-        return out
+# Custom ops (see ``triton_range_attention``): opaque single nodes for torch.compile.
+@torch.library.custom_op("nsa_lab::gated_sum", mutates_args=())
+def _gated_sum_op(gates: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+    gates = gates.contiguous()
+    outputs = [o.contiguous() for o in outputs]
+    out = _gated_sum_fake(gates, outputs)
+    rows, dv = out.numel() // out.shape[-1], out.shape[-1]
+    meta = _launch_meta(dv)
+    _gated_sum_fwd_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
+        gates, *_padded(outputs), out, rows, dv, N_BRANCHES=len(outputs), **meta,
+    )  # fmt: skip
+    return out
 
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        gates, *outputs = ctx.saved_tensors
-        d_out = d_out.contiguous()
-        d_gates = torch.empty(gates.shape, dtype=gates.dtype, device=gates.device)
-        d_outputs = [torch.empty_like(o) for o in outputs]
-        rows, dv = d_out.numel() // d_out.shape[-1], d_out.shape[-1]
-        meta = _launch_meta(dv)
-        _gated_sum_bwd_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
-            gates, *_padded(outputs), d_out, d_gates, *_padded(d_outputs), rows, dv,
-            N_BRANCHES=len(outputs), **meta,
-        )  # fmt: skip
-        return d_gates, *d_outputs
+
+@_gated_sum_op.register_fake
+def _gated_sum_fake(gates: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+    dtype = torch.result_type(gates, outputs[0])
+    return torch.empty(outputs[0].shape, dtype=dtype, device=gates.device)
+
+
+@torch.library.custom_op("nsa_lab::gated_sum_backward", mutates_args=())
+def _gated_sum_backward_op(
+    gates: torch.Tensor, outputs: list[torch.Tensor], d_out: torch.Tensor
+) -> list[torch.Tensor]:
+    gates = gates.contiguous()
+    outputs = [o.contiguous() for o in outputs]
+    d_out = d_out.contiguous()
+    d_gates, *d_outputs = _gated_sum_backward_fake(gates, outputs, d_out)
+    rows, dv = d_out.numel() // d_out.shape[-1], d_out.shape[-1]
+    meta = _launch_meta(dv)
+    _gated_sum_bwd_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
+        gates, *_padded(outputs), d_out, d_gates, *_padded(d_outputs), rows, dv,
+        N_BRANCHES=len(outputs), **meta,
+    )  # fmt: skip
+    return [d_gates, *d_outputs]
+
+
+@_gated_sum_backward_op.register_fake
+def _gated_sum_backward_fake(
+    gates: torch.Tensor, outputs: list[torch.Tensor], d_out: torch.Tensor
+) -> list[torch.Tensor]:
+    return [torch.empty_like(gates), *(torch.empty_like(o) for o in outputs)]
+
+
+def _setup_backward(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    gates, outputs = inputs
+    ctx.save_for_backward(gates, *outputs)
+
+
+def _gated_sum_grad(ctx: Any, d_out: torch.Tensor) -> tuple:
+    gates, *outputs = ctx.saved_tensors
+    d_gates, *d_outputs = _gated_sum_backward_op(gates, outputs, d_out)
+    return d_gates, d_outputs
+
+
+_gated_sum_op.register_autograd(_gated_sum_grad, setup_context=_setup_backward)
 
 
 @triton.jit

@@ -39,10 +39,9 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from nsa_lab.kernels.nsa.spec import heads_per_group
-from nsa_lab.kernels.nsa.triton_tuning import autotune_configs
+from nsa_lab.kernels.nsa.triton_tuning import autotune
 
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
@@ -65,6 +64,11 @@ _DKDV_TILES = [
     (32, 64, 4, 3),
     (64, 128, 8, 2),
 ]
+# Head dims up to 64: the tiles the autotuner picked from the lists above for both
+# branches on an H100 (2026-11-27, 8 heads in 2 groups, 8k tokens); only these compile.
+_SMALL_HEAD_FWD_TILES = [(128, 32, 8, 3)]
+_SMALL_HEAD_DQ_TILES = [(128, 32, 8, 3)]
+_SMALL_HEAD_DKDV_TILES = [(32, 64, 4, 3)]
 _INTERPRETER_TILE = (16, 32, 4, 1)
 # dK/dV programs that keep every SM of a large GPU busy (H100: 132 SMs, ~1 program each
 # at these tile sizes, several waves to even out the uneven work).
@@ -77,13 +81,23 @@ def _tile_config(tile: tuple[int, int, int, int]) -> tuple[dict[str, int], int, 
     return {"BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages
 
 
-def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return autotune_configs([_tile_config(t) for t in tiles], _tile_config(_INTERPRETER_TILE))
-
-
 # Tuned per head dims and branch (key_stride is 1 for the window, d for compression);
 # the autotuner adds the tensor dtypes to the key itself.
 _TUNING_KEY = ["D_K", "D_V", "key_stride"]
+
+
+def _autotune(
+    tiles: list[tuple[int, int, int, int]],
+    small_head_tiles: list[tuple[int, int, int, int]],
+    **options: Any,
+) -> Callable:
+    return autotune(
+        [_tile_config(t) for t in tiles],
+        _tile_config(_INTERPRETER_TILE),
+        _TUNING_KEY,
+        small_head=[_tile_config(t) for t in small_head_tiles],
+        **options,
+    )
 
 
 @triton.jit
@@ -267,7 +281,7 @@ def _fwd_tiles(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(_FWD_TILES), key=_TUNING_KEY)
+@_autotune(_FWD_TILES, _SMALL_HEAD_FWD_TILES)
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -418,7 +432,7 @@ def _dq_tiles(
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_TILES), key=_TUNING_KEY)
+@_autotune(_DQ_TILES, _SMALL_HEAD_DQ_TILES)
 @triton.jit
 def _dq_kernel(
     Q,
@@ -600,7 +614,7 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_TILES), key=_TUNING_KEY, reset_to_zero=["DK", "DV"])
+@_autotune(_DKDV_TILES, _SMALL_HEAD_DKDV_TILES, reset_to_zero=["DK", "DV"])
 @triton.jit
 def _dkdv_kernel(
     Q,
@@ -899,24 +913,69 @@ def _backward(
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RangeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: _Keys, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = _forward(q, k, v, keys, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.keys, ctx.scale = keys, scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+# The kernels as PyTorch custom ops: torch.compile keeps each one as a single opaque node
+# (no graph break, nothing traced into the Triton launch) and compiles what surrounds it.
+@torch.library.custom_op("nsa_lab::range_attention", mutates_args=())
+def _range_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stride: int,
+    offset: int,
+    window: int | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, _Keys(stride, offset, window), scale)
 
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(q, k, v, o, lse, do, ctx.keys, ctx.scale), None, None)
+
+@_range_attention_op.register_fake
+def _range_attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_scalars: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, t_len, n_heads, _ = q.shape
+    return q.new_empty(b, t_len, n_heads, v.shape[-1]), q.new_empty(
+        b, t_len, n_heads, dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("nsa_lab::range_attention_backward", mutates_args=())
+def _range_attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    stride: int,
+    offset: int,
+    window: int | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, o, lse, do, _Keys(stride, offset, window), scale)
+
+
+@_range_attention_backward_op.register_fake
+def _range_attention_backward_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_rest: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, stride, offset, window, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.keys, ctx.scale = (stride, offset, window), scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _range_attention_grad(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
+    q, k, v, o, lse = ctx.saved_tensors
+    grads = _range_attention_backward_op(q, k, v, o, lse, do, *ctx.keys, ctx.scale)
+    return (*grads, None, None, None, None)
+
+
+_range_attention_op.register_autograd(_range_attention_grad, setup_context=_setup_backward)
 
 
 def range_attention(
@@ -942,7 +1001,7 @@ def range_attention(
       window=None`` over the compressed blocks.
     """
     _check_inputs(q, k, v, stride, offset, window)
-    return _RangeAttention.apply(q, k, v, _Keys(stride, offset, window), scale)
+    return _range_attention_op(q, k, v, stride, offset, window, scale)
 
 
 def _check_inputs(

@@ -39,8 +39,8 @@ def auto_impl(device: torch.device) -> str:
 def op_for(impl: str, torch_op: Op, triton_name: str) -> Op:
     """The op behind ``attn.impl``: ``torch_op`` or ``triton_ops.<triton_name>``.
 
-    The Triton module is imported only when a Triton op is first needed, so that
-    machines without triton (or a GPU) never import it.
+    The Triton module is imported only where the kernels can run (:func:`triton_runnable`),
+    so that machines without triton (or a GPU) never import it.
     """
     if impl == "torch":
         return torch_op
@@ -54,8 +54,11 @@ def op_for(impl: str, torch_op: Op, triton_name: str) -> Op:
             )
         return _triton_op(triton_name)
 
+    # Resolved now, not per call, so that torch.compile traces a plain function call.
+    triton_op = _triton_op(triton_name) if triton_runnable() else torch_op
+
     def auto_op(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        op = _triton_op(triton_name) if auto_impl(q.device) == "triton" else torch_op
+        op = triton_op if auto_impl(q.device) == "triton" else torch_op
         return op(q, *args, **kwargs)
 
     return auto_op

@@ -283,7 +283,15 @@ class NSADataModule(LightningDataModule):
             batches_done=lambda: batches_trained(self.trainer),
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
+            pin_memory=self._feeds_a_gpu(),
         )
+
+    def _feeds_a_gpu(self) -> bool:
+        """Whether batches go to a CUDA device: then they are pinned, because a copy from
+        pageable memory waits for the GPU to finish all queued work, one host-GPU
+        synchronisation per step."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         """In stream order, every example, so validation loss is comparable across runs."""
@@ -293,6 +301,7 @@ class NSADataModule(LightningDataModule):
             shuffle=False,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
+            pin_memory=self._feeds_a_gpu(),
         )
 
     @property

@@ -106,26 +106,6 @@ def make_grid(
     return grid
 
 
-def parse_lengths(text: str) -> list[int]:
-    """``--lengths``: ``"256,512,1k"`` -> ``[256, 512, 1024]``."""
-    try:
-        return [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in _items(text)]
-    except ValueError:
-        raise ConfigError("--lengths", text, "must be comma-separated token counts") from None
-
-
-def parse_depths(text: str) -> list[float]:
-    """``--depths``: ``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (fractions of the context)."""
-    try:
-        return [float(x) for x in _items(text)]
-    except ValueError:
-        raise ConfigError("--depths", text, "must be comma-separated fractions in [0, 1]") from None
-
-
-def _items(text: str) -> list[str]:
-    return [x.strip().lower() for x in text.split(",") if x.strip()]
-
-
 def cell_needles(
     haystack: np.ndarray, length: int, depth: float, trials: int, seed: int
 ) -> tuple[np.ndarray, list[NeedleFact]]:

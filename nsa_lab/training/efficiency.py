@@ -1,20 +1,10 @@
 """Efficiency settings of a run: ``train.compile``, peak FLOP/s of the GPU, and MFU.
 
-``train.compile`` compiles every transformer block in place (``nn.Module.compile``, so
-checkpoints keep their parameter names) and leaves one thing eager in every variant:
-the attention op itself (``attend_kv`` of single-K/V variants, ``nsa_op`` of NSA).
-Around it, projections, RoPE, gates, ``phi``, norms and the MLP compile for every
-registered variant, so all variants get the same treatment.
-
-Why the op stays eager, measured on one H200 with torch 2.11: Inductor fails to compile
-the Triton NSA and window kernels that Dynamo traces into (a loop-carried accumulator
-that turns fp64), and full attention's compiled SDPA step was slower than eager. What
-compiling buys, same GPU, the issue's 6-layer d_model-512 model at 8192 tokens, batch
-2, bf16, ms per training step eager -> compiled: nsa 91 -> 60, nsa_shared_kv 65 -> 52,
-full 28 -> 63, window 19 -> 60. NSA's many small PyTorch ops fuse; full and window lose,
-because at this size the compiled step is bound by host-side overhead (a profile of
-full: GPU time 18.7 -> 13.8 ms, host time doubled). Compile all variants of a
-comparison or none.
+``train.compile`` compiles the whole model for every variant. The Triton kernels are
+PyTorch custom ops (``torch.library.custom_op``), so torch.compile keeps each launch as
+one opaque node and fuses everything around it (projections' casts, RoPE, ``phi``,
+gates, norms, the MLP) without a graph break; dense attention's SDPA is compiled like
+any other op. Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nsa_lab.attention.base import AttentionBase, SingleKVAttention
-from nsa_lab.attention.nsa import NSAAttention
 from nsa_lab.config import ConfigError
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s per GPU, by a part of the name
@@ -75,23 +63,13 @@ def check_compile(compile_model: bool, strategy: str) -> None:
         )
 
 
-def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor") -> None:
-    """Compile each block in place, its attention op left eager (see module doc).
+def compile_model(model: nn.Module, backend: str = "inductor") -> None:
+    """Compile ``model`` in place (``nn.Module.compile``: parameter names, hence
+    checkpoints, unchanged), with static shapes: a run sees few lengths (the curriculum's,
+    the training length, evaluation prompts), each compiled once.
 
     ``backend`` is torch.compile's; tests use ``aot_eager`` (the same graph capture,
     forward and backward, without Inductor's code generation, which takes about a
     minute on a small CPU).
     """
-    for block in blocks:
-        for attn in (m for m in block.modules() if isinstance(m, AttentionBase)):
-            _keep_attention_op_eager(attn)
-        block.compile(backend=backend)
-
-
-def _keep_attention_op_eager(attn: AttentionBase) -> None:
-    if isinstance(attn, NSAAttention):
-        attn.nsa_op = torch.compiler.disable(attn.nsa_op)
-    elif isinstance(attn, SingleKVAttention):
-        attn.attend_kv = torch.compiler.disable(attn.attend_kv)
-    else:
-        attn.attend = torch.compiler.disable(attn.attend)
+    model.compile(backend=backend, dynamic=False)

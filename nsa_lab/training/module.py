@@ -34,6 +34,15 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ).view_as(targets)
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: matrices decay, vectors (norm gains, biases) do not."""
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
 class StepLossMean:
     """The mean loss of one optimizer step's micro-batches (``train.accumulate`` of them).
 
@@ -152,15 +161,11 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": t.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            optimizer_groups(self, t.weight_decay),
             lr=t.lr,
             betas=(t.beta1, t.beta2),
+            fused=self.device.type == "cuda",  # one kernel for all parameters, no host syncs
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +28,7 @@ from nsa_lab.training.callbacks import (
     RunIdInCheckpoint,
     TokenThroughput,
 )
-from nsa_lab.training.efficiency import check_compile, compile_blocks
+from nsa_lab.training.efficiency import check_compile, compile_model
 from nsa_lab.training.module import LanguageModel
 
 
@@ -69,7 +69,7 @@ def train(
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
     flops_per_token = lru_cache(partial(training_flops_per_token, module.model, cfg.attn))
     if cfg.train.compile:
-        compile_blocks(module.model.blocks)
+        compile_model(module.model)
 
     if cfg.train.eval_needle:
         callbacks = [*callbacks, NeedleEvalCallback(cfg.train.strategy)]
@@ -181,6 +181,9 @@ def _make_trainer(
                 dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every
             ),
             CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
+            # Refreshing on log steps only: every refresh reads the logged loss off the
+            # GPU, which would make each step wait for the GPU to drain.
+            TQDMProgressBar(refresh_rate=t.log_every),
             TokenThroughput(t.log_every, flops_per_token),
             PeakMemory(t.log_every),
             *extra_callbacks,
