@@ -9,6 +9,7 @@ poisoned (NaN / a bogus index), so an element no kernel writes fails the compari
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -103,28 +104,13 @@ def test_top_n_breaks_ties_toward_the_lower_index(poisoned, force):
     assert torch.equal(out.long(), select_blocks(scores, n, l_sel, force))  # rank order too
 
 
-@pytest.mark.parametrize(
-    ("t_len", "hpg", "g", "dk", "dv", "l_sel", "n", "force", "max_queries"),
-    [
-        (5, 3, 1, 32, 16, 8, 3, True, 256),
-        (37, 3, 2, 32, 16, 8, 4, False, 8),  # Dk != Dv; block lists cut into pieces
-        (70, 1, 2, 24, 24, 16, 3, True, 16),  # non-power-of-2 dim, ragged last block
-    ],
-)
-def test_selection_attention_matches_torch(
-    poisoned, monkeypatch, t_len, hpg, g, dk, dv, l_sel, n, force, max_queries
-):
-    torch.manual_seed(t_len + hpg)
-    monkeypatch.setattr(triton_selection, "DKDV_MAX_QUERIES", max_queries)
-    b = 2
-    q = randn(b, t_len, g * hpg, dk, pad_last=5).requires_grad_()
-    k = torch.randn(b, g, t_len, dk, device=DEVICE).transpose(1, 2).requires_grad_()
-    v = randn(b, t_len, g, dv, pad_last=2).requires_grad_()
-    scores = torch.rand(b, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
-    ranked = select_blocks(scores, n, l_sel, force)
-    # Slot order must not matter: shuffle so that empty (-1) slots sit anywhere.
-    indices = ranked.gather(-1, torch.rand(ranked.shape, device=DEVICE).argsort(-1)).int()
+def assert_selection_attention_matches_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, l_sel: int
+) -> tuple[torch.Tensor, ...]:
+    """Output and dq, dk, dv of the Triton kernels against float64 ``selection_attention``.
 
+    Returns the Triton output and gradients for further checks.
+    """
     out = selection_attention_triton(q, k, v, indices, l_sel=l_sel, scale=None)
     doubles = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = selection_attention(*doubles, indices.long(), l_sel)
@@ -134,3 +120,83 @@ def test_selection_attention_matches_torch(
     ref_grads = torch.autograd.grad(ref, doubles, grad)
     for name, a, r in zip("qkv", grads, ref_grads, strict=True):
         assert rel_err(a, r) < TOL, f"d{name}"
+    return (out, *grads)
+
+
+def random_qkv(
+    b: int, t_len: int, hpg: int, g: int, dk: int, dv: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leaf ``q, k, v`` as strided views (padded rows, k with groups outermost)."""
+    q = randn(b, t_len, g * hpg, dk, pad_last=5).requires_grad_()
+    k = torch.randn(b, g, t_len, dk, device=DEVICE).transpose(1, 2).requires_grad_()
+    v = randn(b, t_len, g, dv, pad_last=2).requires_grad_()
+    return q, k, v
+
+
+def shuffled_slots(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` with each row's slots in random order (empty slots anywhere), as int32."""
+    order = torch.rand(indices.shape, device=indices.device).argsort(-1)
+    return indices.gather(-1, order).int()
+
+
+@pytest.mark.parametrize(
+    ("t_len", "hpg", "g", "dk", "dv", "l_sel", "n", "force", "max_queries"),
+    [
+        (5, 3, 1, 32, 16, 8, 3, True, 256),  # 4 positions per tile, one ragged tile
+        (37, 3, 2, 32, 16, 8, 4, False, 8),  # Dk != Dv; block lists cut into pieces
+        (70, 1, 2, 24, 24, 16, 3, True, 16),  # 16 per tile; non-power-of-2 dim, ragged block
+        (45, 2, 2, 16, 32, 8, 5, False, 32),  # 8 per tile, 45 = 5 * 8 + 5
+        (29, 4, 1, 32, 32, 8, 3, True, 64),  # 4 per tile, 29 = 7 * 4 + 1
+        (19, 16, 1, 16, 16, 8, 2, False, 256),  # the paper's 16 heads: one position per tile
+    ],
+)
+def test_selection_attention_matches_torch(
+    poisoned, monkeypatch, t_len, hpg, g, dk, dv, l_sel, n, force, max_queries
+):
+    torch.manual_seed(t_len + hpg)
+    monkeypatch.setattr(triton_selection, "DKDV_MAX_QUERIES", max_queries)
+    q, k, v = random_qkv(2, t_len, hpg, g, dk, dv)
+    scores = torch.rand(2, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
+    # Slot order must not matter: shuffle so that empty (-1) slots sit anywhere.
+    indices = shuffled_slots(select_blocks(scores, n, l_sel, force))
+    assert_selection_attention_matches_torch(q, k, v, indices, l_sel)
+
+
+@pytest.mark.parametrize("hpg", [1, 4])
+def test_selection_attention_rows_that_see_no_key_or_share_blocks(poisoned, hpg):
+    """Hand-made choices within tiles: no key at all, overlaps, one block in many slots.
+
+    Rows that see no key (every slot empty, or only a later block chosen) must give
+    ``o = 0`` and zero gradients, as the reference does, while their tile neighbours
+    attend normally.
+    """
+    torch.manual_seed(100 + hpg)
+    b, t_len, g, l_sel, n = 2, 27, 2, 4, 4
+    q, k, v = random_qkv(b, t_len, hpg, g, 16, 16)
+    scores = torch.rand(b, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
+    indices = select_blocks(scores, n, l_sel, False)  # random: partial overlaps
+    indices[0, 0, 0] = -1  # every slot empty
+    indices[1, 5, 1] = torch.tensor([-1, 3, -1, -1])  # only a block after its own
+    indices[0, 9, 1] = torch.tensor([-1, -1, 2, -1])  # its own block only: keys 8 and 9
+    indices[:, 12:16] = torch.tensor([3, 1, 0, -1])  # a whole tile of 4 with one choice
+    indices[1, 26, 0] = torch.tensor([6, -1, 0, -1])  # the ragged last tile
+    indices = shuffled_slots(indices).long()  # int64 indices are accepted too
+    out, dq, _, _ = assert_selection_attention_matches_torch(q, k, v, indices, l_sel)
+    for batch, t, group in [(0, 0, 0), (1, 5, 1)]:
+        heads = slice(group * hpg, (group + 1) * hpg)
+        assert not out[batch, t, heads].any() and not dq[batch, t, heads].any()
+
+
+@pytest.mark.parametrize("qpp", [1, 4, 16])
+def test_tile_blocks_hold_each_tiles_union_once(qpp):
+    torch.manual_seed(qpp)
+    b, t_len, g, l_sel, n = 2, 50, 2, 4, 3
+    scores = torch.rand(b, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
+    indices = shuffled_slots(select_blocks(scores, n, l_sel, False))
+    tiles = triton_selection._tile_blocks(indices, qpp)
+    assert tiles.dtype == torch.int32
+    assert tiles.shape == (b, math.ceil(t_len / qpp), g, qpp * n)
+    for batch, tile, group in itertools.product(range(b), range(tiles.shape[1]), range(g)):
+        chosen = indices[batch, tile * qpp : (tile + 1) * qpp, group].flatten().tolist()
+        union = sorted({block for block in chosen if block >= 0}, reverse=True)
+        assert tiles[batch, tile, group].tolist() == union + [-1] * (qpp * n - len(union))

@@ -11,11 +11,18 @@ Same functions as ``torch_ops.selection_scores`` + ``select_blocks`` and
   stored. A top-n kernel then picks each row's blocks (forced blocks first, ties to the
   lower index).
 - :func:`selection_attention_triton` is the paper's group-centric kernel: one program
-  per (query position, batch, kv group) holds all the group's query heads and loads each
-  selected K/V block once for all of them. Its backward computes dQ on the same grid
-  and dK/dV from an inverse index (which queries chose block ``j``), one program per
-  block and chunk of its queries, so the block's K/V are loaded once per program and
-  its gradient leaves by one atomic add per element.
+  per (tile of consecutive query positions, batch, kv group) holds all the group's query
+  heads of those positions and loads each K/V block they selected once for all of them.
+  A tile holds ``16 // next_pow2(heads per group)`` positions (at least 1): with fewer
+  than 16 heads per group one position would fill only a few of the 16 rows a tensor-core
+  MMA needs, so neighbouring positions fill the rest. Neighbouring positions' selections
+  overlap (the forced first and local blocks, and the blocks their similar queries
+  score high), so the program walks the union of the tile's selections, each distinct
+  block once, and each row attends a block only if its own position chose it. Its
+  backward computes dQ on the same grid and the same union, and dK/dV from an inverse
+  index (which queries chose block ``j``), one program per block and chunk of its
+  queries, so the block's K/V are loaded once per program and its gradient leaves by
+  one atomic add per element.
 
 All softmax work is in base 2 with the scale folded into one multiplier, and
 accumulates in float32 whatever the input dtype. Head and block dimensions are padded
@@ -40,8 +47,8 @@ _LOG2E_K = tl.constexpr(LOG2E)  # the same, readable inside kernels
 # step covers SCORE_SEL_BLOCKS * l_sel / d compressed blocks.
 SCORE_SEL_BLOCKS = 16
 # Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU, and the one the
-# interpreter runs. Selection attention is bound by reading 2 * n * l_sel K/V rows per
-# (query, group) from L2: the candidates vary how many loads are in flight.
+# interpreter runs. Selection attention is bound by reading the K/V rows of the union of
+# a tile's selected blocks from L2: the candidates vary how many loads are in flight.
 _SCORE_CONFIGS = autotune_configs(
     [({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2), ({"BLOCK_M": 64}, 8, 2)],
     interpreter=({"BLOCK_M": 16}, 4, 1),
@@ -49,6 +56,9 @@ _SCORE_CONFIGS = autotune_configs(
 _ATTENTION_CONFIGS = autotune_configs(
     [({}, 4, 2), ({}, 4, 3), ({}, 8, 2), ({}, 2, 3)], interpreter=({}, 4, 1)
 )
+# Forward and dQ kernels: (position, head) rows per program, the M of every tl.dot. Fewer
+# heads per group than this are made up with neighbouring positions.
+MMA_ROWS = 16
 # Top-n kernel: scores held per program (rows x padded Nsel).
 TOP_N_TILE_ELEMENTS = 4096
 # dK/dV kernel: (query, head) rows per inner step, and queries per program. Block 0 is
@@ -296,32 +306,34 @@ class _SelectionAttention(torch.autograd.Function):
         n_groups, dv = k.shape[2], v.shape[3]
         o = torch.empty(b, t_len, h, dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
-        meta = _attention_meta(q, k, v, l_sel)
-        _selection_fwd_kernel[(t_len, b * n_groups)](
-            q, k, v, indices, o, lse,
-            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(), *lse.stride(),
-            n_groups, h // n_groups, indices.shape[3], dk, dv, scale * LOG2E,
+        meta = _attention_meta(q, k, v, indices, l_sel)
+        tile_blocks = _tile_blocks(indices, meta["QPP"])
+        _selection_fwd_kernel[(tile_blocks.shape[1], b * n_groups)](
+            q, k, v, indices, tile_blocks, o, lse,
+            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
+            *o.stride(), *lse.stride(),
+            t_len, n_groups, h // n_groups, indices.shape[3], dk, dv, scale * LOG2E,
             **meta,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, indices, o, lse)
+        ctx.save_for_backward(q, k, v, indices, tile_blocks, o, lse)
         ctx.l_sel, ctx.scale = l_sel, scale
         return o
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor) -> tuple:
-        q, k, v, indices, o, lse = ctx.saved_tensors
+        q, k, v, indices, tile_blocks, o, lse = ctx.saved_tensors
         l_sel, scale = ctx.l_sel, ctx.scale
         b, t_len, h, dk = q.shape
         n_groups, dv = k.shape[2], v.shape[3]
         hpg, n_sel = h // n_groups, math.ceil(t_len / l_sel)
-        meta = _attention_meta(q, k, v, l_sel)
+        meta = _attention_meta(q, k, v, indices, l_sel)
         dq = torch.empty_like(q)
         delta = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
-        _selection_dq_kernel[(t_len, b * n_groups)](
-            q, k, v, indices, o, do, lse, dq, delta,
-            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(),
-            *do.stride(), *lse.stride(), *dq.stride(),
-            n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
+        _selection_dq_kernel[(tile_blocks.shape[1], b * n_groups)](
+            q, k, v, indices, tile_blocks, o, do, lse, dq, delta,
+            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
+            *o.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+            t_len, n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
             **meta,
         )  # fmt: skip
         dk_acc = torch.zeros(b, t_len, n_groups, dk, dtype=torch.float32, device=q.device)
@@ -345,15 +357,51 @@ def _dim_block(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _attention_meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l_sel: int) -> dict:
-    """Compile-time tile sizes of the forward and dQ kernels (the dK/dV kernel shares some)."""
+def _positions_per_tile(hpg: int) -> int:
+    """Query positions per forward/dQ program: enough to fill ``MMA_ROWS`` rows, at least 1."""
+    return max(1, MMA_ROWS // triton.next_power_of_2(hpg))
+
+
+def _attention_meta(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, l_sel: int
+) -> dict:
+    """Compile-time sizes of the forward and dQ kernels (the dK/dV kernel shares some).
+
+    A program's rows are ``QPP`` positions x ``HP`` head slots (padded heads masked), so
+    ``QPP * HP = max(MMA_ROWS, HP)``; ``NP`` is the padded slot count of one position.
+    """
+    hpg = heads_per_group(q, k)
     return {
         "L_SEL": l_sel,
-        "HP": _dim_block(heads_per_group(q, k)),
+        "HP": triton.next_power_of_2(hpg),
+        "QPP": _positions_per_tile(hpg),
+        "NP": triton.next_power_of_2(indices.shape[3]),
         "BLOCK_L": _dim_block(l_sel),
         "BLOCK_DK": _dim_block(q.shape[3]),
         "BLOCK_DV": _dim_block(v.shape[3]),
     }
+
+
+def _tile_blocks(indices: torch.Tensor, qpp: int) -> torch.Tensor:
+    """The union of the blocks chosen by each tile of ``qpp`` consecutive positions.
+
+    ``indices [B,T,G,n]`` -> int32 ``[B, ceil(T/qpp), G, qpp*n]``: per (batch, tile,
+    group), every block some position of the tile chose, once, in descending order, then
+    -1 up to the row's end (so a kernel walks the leading non-negative entries only).
+    Positions past ``T`` in the last tile choose nothing. Pure tensor ops on the device:
+    no shape depends on the data, so nothing waits for the GPU.
+    """
+    b, t_len, n_groups, n = indices.shape
+    n_tiles = triton.cdiv(t_len, qpp)
+    padded = torch.full(
+        (b, n_tiles * qpp, n_groups, n), -1, dtype=torch.int32, device=indices.device
+    )
+    padded[:, :t_len] = indices
+    by_tile = padded.view(b, n_tiles, qpp, n_groups, n).transpose(2, 3)
+    blocks = by_tile.reshape(b, n_tiles, n_groups, qpp * n).sort(dim=-1, descending=True).values
+    repeated = torch.zeros_like(blocks, dtype=torch.bool)
+    repeated[..., 1:] = blocks[..., 1:] == blocks[..., :-1]
+    return blocks.masked_fill(repeated, -1).sort(dim=-1, descending=True).values
 
 
 def _queries_by_block(
@@ -429,58 +477,112 @@ def _load_block(
     """K ``[BLOCK_L, BLOCK_DK]``, V, key mask and positions of selection block ``block``.
 
     ``k_cols``/``v_cols`` come from :func:`_columns` at the (batch, group) base. Keys past
-    ``last`` (the causal limit, at most ``T - 1``) and any key of a negative block (an
-    empty slot: ``pos < 0`` for every key below ``L_SEL``) are masked and read as 0.
+    ``last`` (the causal limit, at most ``T - 1``) are masked and read as 0. ``block``
+    is a real block (non-negative): callers skip empty slots.
     """
     key = tl.arange(0, BLOCK_L)
     pos = block.to(tl.int64) * L_SEL + key
-    key_ok = (key < L_SEL) & (pos >= 0) & (pos <= last)
+    key_ok = (key < L_SEL) & (pos <= last)
     k = tl.load(k_cols + pos[:, None] * stride_kt, mask=key_ok[:, None] & dk_ok, other=0.0)
     v = tl.load(v_cols + pos[:, None] * stride_vt, mask=key_ok[:, None] & dv_ok, other=0.0)
     return k, v, key_ok, pos
 
 
+@triton.jit
+def _tile_rows(tile, g, t_len, hpg, HP: tl.constexpr, QPP: tl.constexpr):
+    """Rows of a forward/dQ program: ``QPP`` positions x ``HP`` head slots, position-major.
+
+    Returns each row's position ``t`` (int64), query head, and whether it is real (a head
+    of the group at a position before ``t_len``), plus the tile's last real position.
+    """
+    row = tl.arange(0, QPP * HP)
+    first = tile * QPP
+    t = (first + row // HP).to(tl.int64)
+    head = row % HP
+    row_ok = (head < hpg) & (t < t_len)
+    last = tl.minimum(first + QPP - 1, t_len - 1)
+    return t, g * hpg + head, row_ok, last
+
+
+@triton.jit
+def _row_choices(idx_row, t, row_ok, n, stride_it, stride_in, NP: tl.constexpr):
+    """``[rows, NP]`` int32: the blocks each row's position chose, -1 padded.
+
+    ``idx_row`` points at the (batch, group) of ``indices``; rows that are not real read -1.
+    """
+    slot = tl.arange(0, NP)
+    return tl.load(
+        idx_row + t[:, None] * stride_it + slot[None, :] * stride_in,
+        mask=row_ok[:, None] & (slot < n)[None, :], other=-1,
+    ).to(tl.int32)  # fmt: skip
+
+
+@triton.jit
+def _union_size(tile_row, n_entries, stride_e, ENTRIES: tl.constexpr):
+    """How many distinct blocks lead a :func:`_tile_blocks` row (its non-negative entries)."""
+    entry = tl.arange(0, ENTRIES)
+    blocks = tl.load(tile_row + entry * stride_e, mask=entry < n_entries, other=-1)
+    return tl.sum((blocks >= 0).to(tl.int32))
+
+
+@triton.jit
+def _visible_keys(choices, block, key_ok, key_pos, t):
+    """``[rows, BLOCK_L]``: which keys of ``block`` each row attends.
+
+    A row sees a key if its own position chose the block (other positions of the tile
+    may have brought it into the union), the key lies in the block and sequence, and
+    the key is not later than the row's position.
+    """
+    chosen = tl.max((choices == block).to(tl.int32), axis=1) > 0
+    return chosen[:, None] & key_ok[None, :] & (key_pos[None, :] <= t[:, None])
+
+
 @triton.autotune(configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"])
 @triton.jit
 def _selection_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, tiles_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kg, stride_kd,
     stride_vb, stride_vt, stride_vg, stride_vd,
     stride_ib, stride_it, stride_ig, stride_in,
+    stride_tb, stride_tt, stride_tg, stride_te,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lt, stride_lh,
-    n_groups, hpg, n, dk, dv, qk_scale,
-    L_SEL: tl.constexpr, HP: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    t_len, n_groups, hpg, n, dk, dv, qk_scale,
+    L_SEL: tl.constexpr, HP: tl.constexpr, QPP: tl.constexpr, NP: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """One (position ``t``, batch, group): all group heads against the ``n`` chosen blocks.
+    """One (tile of ``QPP`` positions, batch, group): its rows against the tile's block union.
 
-    Online softmax over the blocks; the running max starts finite so that a fully masked
-    block (an empty slot) contributes exactly nothing instead of NaN. Stores the base-2
-    log-sum-exp for the backward.
+    Each block some position of the tile chose is loaded once for all rows. Online
+    softmax over the blocks; the running max starts finite so that a block a row does
+    not see (not its choice, or causally masked) contributes exactly nothing instead of
+    NaN, and a row that sees no key at all ends with ``o = 0``. Stores the base-2
+    log-sum-exp (``-inf`` for such a row) for the backward.
     """
-    t = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // n_groups).to(tl.int64)
     g = pid_bg % n_groups
-    head = tl.arange(0, HP)
-    row_ok = head < hpg
-    q_head = g * hpg + head
+    t, q_head, row_ok, last = _tile_rows(tile, g, t_len, hpg, HP, QPP)
     q_rows = b * stride_qb + t * stride_qt + q_head * stride_qh
     q = _load_rows(q_ptr, q_rows, row_ok, dk, stride_qd, BLOCK_DK)
+    choices = _row_choices(
+        idx_ptr + b * stride_ib + g * stride_ig, t, row_ok, n, stride_it, stride_in, NP
+    )
     k_cols, dk_ok = _columns(k_ptr + b * stride_kb + g * stride_kg, dk, stride_kd, BLOCK_DK)
     v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
-    m_i = tl.full((HP,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((HP,), dtype=tl.float32)
-    acc = tl.zeros((HP, BLOCK_DV), dtype=tl.float32)
-    idx_row = idx_ptr + b * stride_ib + t * stride_it + g * stride_ig
-    for slot in range(n):
-        block = tl.load(idx_row + slot * stride_in)
-        k, v, key_ok, _ = _load_block(
-            k_cols, v_cols, dk_ok, dv_ok, block, t, stride_kt, stride_vt, L_SEL, BLOCK_L
+    m_i = tl.full((QPP * HP,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((QPP * HP,), dtype=tl.float32)
+    acc = tl.zeros((QPP * HP, BLOCK_DV), dtype=tl.float32)
+    tile_row = tiles_ptr + b * stride_tb + tile * stride_tt + g * stride_tg
+    for entry in range(_union_size(tile_row, QPP * n, stride_te, QPP * NP)):
+        block = tl.load(tile_row + entry * stride_te)
+        k, v, key_ok, key_pos = _load_block(
+            k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
-        qk = tl.where(key_ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, -float("inf"))
+        visible = _visible_keys(choices, block, key_ok, key_pos, t)
+        qk = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -498,30 +600,31 @@ def _selection_fwd_kernel(
 @triton.autotune(configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"])
 @triton.jit
 def _selection_dq_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, tiles_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kg, stride_kd,
     stride_vb, stride_vt, stride_vg, stride_vd,
     stride_ib, stride_it, stride_ig, stride_in,
+    stride_tb, stride_tt, stride_tg, stride_te,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lt, stride_lh,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    n_groups, hpg, n, dk, dv, qk_scale, scale,
-    L_SEL: tl.constexpr, HP: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    t_len, n_groups, hpg, n, dk, dv, qk_scale, scale,
+    L_SEL: tl.constexpr, HP: tl.constexpr, QPP: tl.constexpr, NP: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """dQ on the forward's grid; also stores ``delta = rowsum(o * do)`` for the dK/dV kernel.
+    """dQ on the forward's grid and block union; also stores ``delta = rowsum(o * do)``.
 
-    ``lse``/``delta`` share the ``[B, T, H]`` float32 layout, so one set of strides serves both.
+    ``delta`` is for the dK/dV kernel; ``lse``/``delta`` share the ``[B, T, H]`` float32
+    layout, so one set of strides serves both. A row that sees no key (``lse = -inf``)
+    gets ``p = 0`` everywhere, hence ``dq = 0``.
     """
-    t = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // n_groups).to(tl.int64)
     g = pid_bg % n_groups
-    head = tl.arange(0, HP)
-    row_ok = head < hpg
-    q_head = g * hpg + head
+    t, q_head, row_ok, last = _tile_rows(tile, g, t_len, hpg, HP, QPP)
     q = _load_rows(
         q_ptr, b * stride_qb + t * stride_qt + q_head * stride_qh, row_ok, dk, stride_qd, BLOCK_DK
     )
@@ -534,17 +637,21 @@ def _selection_dq_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + row_stat, delta, mask=row_ok)
     lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=0.0)
+    choices = _row_choices(
+        idx_ptr + b * stride_ib + g * stride_ig, t, row_ok, n, stride_it, stride_in, NP
+    )
     k_cols, dk_ok = _columns(k_ptr + b * stride_kb + g * stride_kg, dk, stride_kd, BLOCK_DK)
     v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
-    dq = tl.zeros((HP, BLOCK_DK), dtype=tl.float32)
-    idx_row = idx_ptr + b * stride_ib + t * stride_it + g * stride_ig
-    for slot in range(n):
-        block = tl.load(idx_row + slot * stride_in)
-        k, v, key_ok, _ = _load_block(
-            k_cols, v_cols, dk_ok, dv_ok, block, t, stride_kt, stride_vt, L_SEL, BLOCK_L
+    dq = tl.zeros((QPP * HP, BLOCK_DK), dtype=tl.float32)
+    tile_row = tiles_ptr + b * stride_tb + tile * stride_tt + g * stride_tg
+    for entry in range(_union_size(tile_row, QPP * n, stride_te, QPP * NP)):
+        block = tl.load(tile_row + entry * stride_te)
+        k, v, key_ok, key_pos = _load_block(
+            k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
+        visible = _visible_keys(choices, block, key_ok, key_pos, t)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp2(qk - lse[:, None]), 0.0)
+        p = tl.where(visible, tl.exp2(qk - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq_rows = b * stride_dqb + t * stride_dqt + q_head * stride_dqh
