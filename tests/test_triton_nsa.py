@@ -135,3 +135,23 @@ def test_layer_triton_matches_torch_including_phi_and_gate_grads(name):
         # Some grads are zero up to rounding (e.g. phi_K's output bias shifts every
         # compressed key alike, which the softmax ignores): judge those absolutely.
         assert rel_err(p.grad, ref) < TOL or (p.grad - ref).abs().max() < 1e-6, pname
+
+
+def test_compiled_graph_keeps_the_kernels_as_ops_and_their_results():
+    """Every Triton launch is a PyTorch custom op: torch.compile captures the whole NSA
+    op in one graph (``fullgraph``: no break) and gives the eager values and gradients."""
+    params = NSAParams(l=8, d=4, l_sel=8, n=3, w=16)
+    torch.manual_seed(3)
+    x = random_inputs(40, 4, 2, 16, 16, params)
+    leaves = list(x.values())
+
+    def loss(q: torch.Tensor, gates: torch.Tensor, kv: dict) -> torch.Tensor:
+        return nsa_attention_triton(q * 2.0, gates, params, **kv).sin().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    kv = {k: v for k, v in x.items() if k not in ("q", "gates")}
+    results = [fn(x["q"], x["gates"], kv) for fn in (loss, compiled)]
+    grads = [torch.autograd.grad(r, leaves) for r in results]
+    assert rel_err(results[1], results[0]) < 1e-6
+    for eager, graph in zip(*grads, strict=True):
+        assert rel_err(graph, eager) < 1e-6

@@ -32,13 +32,14 @@ to powers of two (at least 16, as ``tl.dot`` needs) and masked.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from nsa_lab.kernels.nsa.spec import heads_per_group, softmax_scale
-from nsa_lab.kernels.nsa.triton_tuning import autotune_configs
+from nsa_lab.kernels.nsa.triton_tuning import autotune
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 _LOG2E_K = tl.constexpr(LOG2E)  # the same, readable inside kernels
@@ -49,13 +50,13 @@ SCORE_SEL_BLOCKS = 16
 # Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU, and the one the
 # interpreter runs. Selection attention is bound by reading the K/V rows of the union of
 # a tile's selected blocks from L2: the candidates vary how many loads are in flight.
-_SCORE_CONFIGS = autotune_configs(
-    [({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2), ({"BLOCK_M": 64}, 8, 2)],
-    interpreter=({"BLOCK_M": 16}, 4, 1),
-)
-_ATTENTION_CONFIGS = autotune_configs(
-    [({}, 4, 2), ({}, 4, 3), ({}, 8, 2), ({}, 2, 3)], interpreter=({}, 4, 1)
-)
+_SCORE_CANDIDATES = [({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2), ({"BLOCK_M": 64}, 8, 2)]
+_ATTENTION_CANDIDATES = [({}, 4, 2), ({}, 4, 3), ({}, 8, 2), ({}, 2, 3)]
+# Head dims up to 64: the picks on an H100 (2026-11-27, 8 heads in 2 groups, 8k tokens).
+_SMALL_HEAD_SCORE = [({"BLOCK_M": 64}, 4, 2)]
+_SMALL_HEAD_ATTENTION = [({}, 4, 2), ({}, 2, 3)]
+_INTERPRETER_SCORE, _INTERPRETER_ATTENTION = ({"BLOCK_M": 16}, 4, 1), ({}, 4, 1)
+_ATTENTION_KEY = ["hpg", "dk", "dv"]
 # Forward and dQ kernels: (position, head) rows per program, the M of every tl.dot. Fewer
 # heads per group than this are made up with neighbouring positions.
 MMA_ROWS = 16
@@ -90,10 +91,27 @@ def select_blocks_triton(
     """
     if l % d or l_sel % d or l > l_sel:
         raise ValueError(f"need d | l, d | l_sel and l <= l_sel; got l={l}, d={d}, l_sel={l_sel}")
-    b, t_len, _, _ = q.shape
-    n_groups = kc.shape[2]
     heads_per_group(q, kc)  # rejects a bad GQA split before any launch
     scale = softmax_scale(q, scale)
+    return _select_blocks_op(q, kc, lse, l, d, l_sel, n, force_init_local, scale, query_chunk)
+
+
+@torch.library.custom_op("nsa_lab::select_blocks", mutates_args=())
+def _select_blocks_op(
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    lse: torch.Tensor,
+    l: int,
+    d: int,
+    l_sel: int,
+    n: int,
+    force_init_local: bool,
+    scale: float,
+    query_chunk: int,
+) -> torch.Tensor:
+    """:func:`select_blocks_triton` as a custom op (see the selection attention's below)."""
+    b, t_len, _, _ = q.shape
+    n_groups = kc.shape[2]
     out = torch.empty(b, t_len, n_groups, n, dtype=torch.int32, device=q.device)
     chunk = max(1, min(query_chunk, t_len))
     scores = torch.empty(
@@ -105,6 +123,15 @@ def select_blocks_triton(
         _score_chunk(q, kc, lse, rows, start, l=l, d=d, l_sel=l_sel, scale=scale)
         _top_n(rows, out, start, n=n, l_sel=l_sel, force_init_local=force_init_local)
     return out
+
+
+@_select_blocks_op.register_fake
+def _select_blocks_fake(
+    q: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, *args: Any
+) -> torch.Tensor:
+    b, t_len, _, _ = q.shape
+    n = args[3]
+    return q.new_empty(b, t_len, kc.shape[2], n, dtype=torch.int32)
 
 
 def selection_attention_triton(
@@ -123,7 +150,8 @@ def selection_attention_triton(
     in ``q, k, v``.
     """
     heads_per_group(q, k)
-    return _SelectionAttention.apply(q, k, v, indices, l_sel, softmax_scale(q, scale))
+    o, _, _ = _selection_attention_op(q, k, v, indices, l_sel, softmax_scale(q, scale))
+    return o
 
 
 # --------------------------------------------------------------------------- scoring
@@ -160,7 +188,13 @@ def _score_chunk(
     )  # fmt: skip
 
 
-@triton.autotune(configs=_SCORE_CONFIGS, key=["hpg", "dk"])
+@autotune(
+    _SCORE_CANDIDATES,
+    _INTERPRETER_SCORE,
+    ["hpg", "dk"],
+    small_head=_SMALL_HEAD_SCORE,
+    head_dim_arg="dk",
+)
 @triton.jit
 def _score_kernel(
     q_ptr, kc_ptr, lse_ptr, out_ptr,
@@ -289,67 +323,115 @@ def _top_n_kernel(
 # ------------------------------------------------------------------------- attention
 
 
-class _SelectionAttention(torch.autograd.Function):
-    """Forward and backward kernels of :func:`selection_attention_triton`."""
+# The kernels as PyTorch custom ops, so that torch.compile keeps each launch as one opaque
+# node (see ``triton_range_attention``).
+@torch.library.custom_op("nsa_lab::selection_attention", mutates_args=())
+def _selection_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    l_sel: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, lse, tile_blocks)``: the output and what the backward reuses."""
+    b, t_len, h, dk = q.shape
+    n_groups, dv = k.shape[2], v.shape[3]
+    o = torch.empty(b, t_len, h, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
+    meta = _attention_meta(q, k, v, indices, l_sel)
+    tile_blocks = _tile_blocks(indices, meta["QPP"])
+    _selection_fwd_kernel[(tile_blocks.shape[1], b * n_groups)](
+        q, k, v, indices, tile_blocks, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
+        *o.stride(), *lse.stride(),
+        t_len, n_groups, h // n_groups, indices.shape[3], dk, dv, scale * LOG2E,
+        **meta,
+    )  # fmt: skip
+    return o, lse, tile_blocks
 
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        indices: torch.Tensor,
-        l_sel: int,
-        scale: float,
-    ) -> torch.Tensor:
-        b, t_len, h, dk = q.shape
-        n_groups, dv = k.shape[2], v.shape[3]
-        o = torch.empty(b, t_len, h, dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
-        meta = _attention_meta(q, k, v, indices, l_sel)
-        tile_blocks = _tile_blocks(indices, meta["QPP"])
-        _selection_fwd_kernel[(tile_blocks.shape[1], b * n_groups)](
-            q, k, v, indices, tile_blocks, o, lse,
-            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
-            *o.stride(), *lse.stride(),
-            t_len, n_groups, h // n_groups, indices.shape[3], dk, dv, scale * LOG2E,
-            **meta,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, indices, tile_blocks, o, lse)
-        ctx.l_sel, ctx.scale = l_sel, scale
-        return o
 
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor) -> tuple:
-        q, k, v, indices, tile_blocks, o, lse = ctx.saved_tensors
-        l_sel, scale = ctx.l_sel, ctx.scale
-        b, t_len, h, dk = q.shape
-        n_groups, dv = k.shape[2], v.shape[3]
-        hpg, n_sel = h // n_groups, math.ceil(t_len / l_sel)
-        meta = _attention_meta(q, k, v, indices, l_sel)
-        dq = torch.empty_like(q)
-        delta = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
-        _selection_dq_kernel[(tile_blocks.shape[1], b * n_groups)](
-            q, k, v, indices, tile_blocks, o, do, lse, dq, delta,
-            *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
-            *o.stride(), *do.stride(), *lse.stride(), *dq.stride(),
-            t_len, n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
-            **meta,
+@_selection_attention_op.register_fake
+def _selection_attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, l_sel: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    b, t_len, h, _ = q.shape
+    qpp = _positions_per_tile(heads_per_group(q, k))
+    tiles, slots = triton.cdiv(t_len, qpp), qpp * indices.shape[3]
+    return (
+        q.new_empty(b, t_len, h, v.shape[3]),
+        q.new_empty(b, t_len, h, dtype=torch.float32),
+        q.new_empty(b, tiles, k.shape[2], slots, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("nsa_lab::selection_attention_backward", mutates_args=())
+def _selection_attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    tile_blocks: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    l_sel: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, t_len, h, dk = q.shape
+    n_groups, dv = k.shape[2], v.shape[3]
+    hpg, n_sel = h // n_groups, math.ceil(t_len / l_sel)
+    meta = _attention_meta(q, k, v, indices, l_sel)
+    dq = torch.empty_like(q)
+    delta = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
+    _selection_dq_kernel[(tile_blocks.shape[1], b * n_groups)](
+        q, k, v, indices, tile_blocks, o, do, lse, dq, delta,
+        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
+        *o.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+        t_len, n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
+        **meta,
+    )  # fmt: skip
+    dk_acc = torch.zeros(b, t_len, n_groups, dk, dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros(b, t_len, n_groups, dv, dtype=torch.float32, device=q.device)
+    items, positions = _queries_by_block(indices, n_sel, DKDV_MAX_QUERIES)
+    if items.shape[0]:
+        heads_pow2 = triton.next_power_of_2(hpg)
+        _selection_dkdv_kernel[(items.shape[0],)](
+            q, k, v, do, lse, delta, dk_acc, dv_acc, items, positions,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
+            *dk_acc.stride(), *dv_acc.stride(),
+            t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
+            L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
+            BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
         )  # fmt: skip
-        dk_acc = torch.zeros(b, t_len, n_groups, dk, dtype=torch.float32, device=q.device)
-        dv_acc = torch.zeros(b, t_len, n_groups, dv, dtype=torch.float32, device=q.device)
-        items, positions = _queries_by_block(indices, n_sel, DKDV_MAX_QUERIES)
-        if items.shape[0]:
-            heads_pow2 = triton.next_power_of_2(hpg)
-            _selection_dkdv_kernel[(items.shape[0],)](
-                q, k, v, do, lse, delta, dk_acc, dv_acc, items, positions,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-                *dk_acc.stride(), *dv_acc.stride(),
-                t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
-                L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
-                BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
-            )  # fmt: skip
-        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+@_selection_attention_backward_op.register_fake
+def _selection_attention_backward_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_rest: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, indices, l_sel, scale = inputs
+    o, lse, tile_blocks = output
+    ctx.save_for_backward(q, k, v, indices, tile_blocks, o, lse)
+    ctx.l_sel, ctx.scale = l_sel, scale
+    ctx.mark_non_differentiable(lse, tile_blocks)
+
+
+def _selection_attention_grad(ctx: Any, do: torch.Tensor, *_unused: Any) -> tuple:
+    q, k, v, indices, tile_blocks, o, lse = ctx.saved_tensors
+    grads = _selection_attention_backward_op(
+        q, k, v, indices, tile_blocks, o, lse, do, ctx.l_sel, ctx.scale
+    )
+    return (*grads, None, None, None)
+
+
+_selection_attention_op.register_autograd(_selection_attention_grad, setup_context=_setup_backward)
 
 
 def _dim_block(dim: int) -> int:
@@ -537,7 +619,13 @@ def _visible_keys(choices, block, key_ok, key_pos, t):
     return chosen[:, None] & key_ok[None, :] & (key_pos[None, :] <= t[:, None])
 
 
-@triton.autotune(configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"])
+@autotune(
+    _ATTENTION_CANDIDATES,
+    _INTERPRETER_ATTENTION,
+    _ATTENTION_KEY,
+    small_head=_SMALL_HEAD_ATTENTION,
+    head_dim_arg="dk",
+)
 @triton.jit
 def _selection_fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, tiles_ptr, o_ptr, lse_ptr,
@@ -597,7 +685,13 @@ def _selection_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + t * stride_lt + q_head * stride_lh, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"])
+@autotune(
+    _ATTENTION_CANDIDATES,
+    _INTERPRETER_ATTENTION,
+    _ATTENTION_KEY,
+    small_head=_SMALL_HEAD_ATTENTION,
+    head_dim_arg="dk",
+)
 @triton.jit
 def _selection_dq_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, tiles_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
@@ -658,8 +752,13 @@ def _selection_dq_kernel(
     _store_rows(dq_ptr, dq_rows, row_ok, dq * scale, dk, stride_dqd, BLOCK_DK)
 
 
-@triton.autotune(
-    configs=_ATTENTION_CONFIGS, key=["hpg", "dk", "dv"], reset_to_zero=["dk_ptr", "dv_ptr"]
+@autotune(
+    _ATTENTION_CANDIDATES,
+    _INTERPRETER_ATTENTION,
+    _ATTENTION_KEY,
+    small_head=_SMALL_HEAD_ATTENTION[:1],
+    head_dim_arg="dk",
+    reset_to_zero=["dk_ptr", "dv_ptr"],
 )
 @triton.jit
 def _selection_dkdv_kernel(

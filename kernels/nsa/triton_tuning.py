@@ -64,11 +64,6 @@ def autotune(
     )
 
 
-def autotune_configs(candidates: list[Candidate], interpreter: Candidate) -> list[triton.Config]:
-    """``candidates`` as autotune configs on a GPU; only ``interpreter`` under the interpreter."""
-    return _chosen(candidates, interpreter)
-
-
 def _chosen(candidates: Sequence[Candidate], interpreter: Candidate) -> list[triton.Config]:
     if interpreted():
         chosen = [interpreter]

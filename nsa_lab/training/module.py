@@ -165,7 +165,6 @@ class LanguageModel(L.LightningModule):
             optimizer_groups(self, t.weight_decay),
             lr=t.lr,
             betas=(t.beta1, t.beta2),
-            fused=self.device.type == "cuda",  # one kernel for all parameters, no host syncs
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
