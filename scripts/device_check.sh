@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install nsa-lab (with the spine's wheels carried in .whl/),
 # run the Triton kernel tests compiled for the GPU, then the benchmark.
-# Usage (device tool, carry [".whl"]): bash scripts/device_check.sh [tests|bench|all] [bench args...]
+# Usage (device tool, carry [".whl"]): bash scripts/device_check.sh [tests|bench|train|all] [bench args...]
+# (bench: nsa-lab bench kernels; train: nsa-lab bench train, eager then compiled)
 set -uo pipefail
 what=${1:-all}
 shift || true
@@ -18,4 +19,9 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m nsa_lab bench kernels --out "$out/bench.md" "$@" 2>&1 | tee "$out/bench.log" | tail -40
+fi
+if [[ $what == train || $what == all ]]; then
+  python3 -m nsa_lab bench train --out "$out/train.md" "$@" 2>&1 | tee "$out/train.log" | grep "^| "
+  python3 -m nsa_lab bench train --compile --out "$out/train_compiled.md" "$@" 2>&1 \
+    | tee "$out/train_compiled.log" | grep "^| "
 fi
