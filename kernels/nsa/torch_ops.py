@@ -85,7 +85,7 @@ def selection_scores(
         b, t, h = lse.shape
         lse_grouped = lse.reshape(b, t, kc.shape[2], h // kc.shape[2]).permute(0, 2, 3, 1)
         probs = torch.exp(logits - lse_grouped[..., None]).masked_fill(~visible, 0.0)
-        overlap = _overlap_matrix(kc.shape[1], math.ceil(t / l_sel), l, d, l_sel, probs)
+        overlap = overlap_matrix(kc.shape[1], math.ceil(t / l_sel), l, d, l_sel, probs)
         return (probs.sum(dim=2) @ overlap).permute(0, 2, 1, 3)
 
 
@@ -304,7 +304,7 @@ def _lse(logits: torch.Tensor, hpg: int) -> torch.Tensor:
     return lse.permute(0, 3, 1, 2).flatten(2)
 
 
-def _overlap_matrix(
+def overlap_matrix(
     n_cmp: int, n_sel: int, l: int, d: int, l_sel: int, like: torch.Tensor
 ) -> torch.Tensor:
     """``[Nc, Nsel]``: how many stride-``d`` segments cmp block ``i`` shares with sel block ``j``.

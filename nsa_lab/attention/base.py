@@ -4,6 +4,10 @@ A variant subclasses :class:`AttentionBase` and implements :meth:`attend`, which
 the input and the rotated queries and returns per-head outputs; projecting queries
 and outputs stays here, so variants differ only in whom each query attends.
 Variants with one key/value projection subclass :class:`SingleKVAttention`.
+
+Decoding: a variant also implements :meth:`AttentionBase.new_cache` and
+:meth:`AttentionBase.attend_cached`. The first cached call is the prompt (prefill: the
+training path, which also fills the cache); every later call is one new position.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nsa_lab.attention.cache import KVBuffer, LayerCache
 from nsa_lab.attention.rope import apply_rope
+from nsa_lab.kernels.nsa.spec import softmax_scale
 
 
 class AttentionBase(nn.Module):
@@ -33,9 +39,41 @@ class AttentionBase(nn.Module):
         # The model scales the init of every ``o_proj.weight`` (residual projection).
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, self.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """``x`` holds the positions after those ``cache`` has seen (all of them without one)."""
         q = self.queries(x, cos, sin)
-        return self.o_proj(self.attend(x, q, cos, sin).flatten(2))
+        if cache is None:
+            return self.o_proj(self.attend(x, q, cos, sin).flatten(2))
+        if cache.length and x.shape[1] != 1:
+            raise ValueError("after the prompt, decoding takes one position per step")
+        out = self.attend_cached(x, q, cos, sin, cache)
+        cache.length += x.shape[1]
+        return self.o_proj(out.flatten(2))
+
+    def new_cache(self, max_len: int) -> LayerCache:
+        """An empty cache for sequences of up to ``max_len`` positions."""
+        raise NotImplementedError(
+            f"attention {type(self).__name__} has no KV cache (new_cache, attend_cached)"
+        )
+
+    def attend_cached(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """:meth:`attend` for positions ``cache.length ..``, keeping what later steps need."""
+        raise NotImplementedError(
+            f"attention {type(self).__name__} has no KV cache (new_cache, attend_cached)"
+        )
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated queries ``[B,T,H,head_dim]``."""
@@ -81,4 +119,30 @@ class SingleKVAttention(AttentionBase):
 
     def attend_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [B,T,H,D]``, ``k/v [B,T,G,D]`` -> ``[B,T,H,D]``."""
+        raise NotImplementedError
+
+    def new_cache(self, max_len: int) -> LayerCache:
+        return LayerCache(kv=KVBuffer(self.cache_capacity(max_len)))
+
+    def cache_capacity(self, max_len: int) -> int:
+        """Positions the cache keeps: all of them unless the variant looks back less far."""
+        return max_len
+
+    def attend_cached(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        k, v = self.keys(self.k_proj, x, cos, sin), self.values(self.v_proj, x)
+        kv, t = cache.buffers["kv"], cache.length
+        kv.write(k, v, t)
+        if t == 0:  # the prompt: the training path
+            return self.attend_kv(q, k, v)
+        return self.attend_step(q[:, 0], kv, t, softmax_scale(q, None))[:, None]
+
+    def attend_step(self, q: torch.Tensor, kv: KVBuffer, t: int, scale: float) -> torch.Tensor:
+        """The query at position ``t``, ``q [B,H,D]``, over the cache -> ``[B,H,D]``."""
         raise NotImplementedError

@@ -26,14 +26,17 @@ import torch
 from torch import nn
 
 from nsa_lab.attention.base import AttentionBase
+from nsa_lab.attention.cache import GrowingBuffer, KVBuffer, LayerCache
 from nsa_lab.attention.impl import op_for
 from nsa_lab.attention.registry import register
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams
+from nsa_lab.kernels.nsa.torch_decode import nsa_decode_step
 from nsa_lab.kernels.nsa.torch_ops import nsa_attention, selected_blocks
 
 # Hidden width of the compression MLP, in multiples of head_dim: a bottleneck between
 # the flattened block (l * head_dim) and the compressed token (head_dim).
 PHI_HIDDEN_MULT = 4
+
 
 class BlockCompressor(nn.Module):
     """``phi``: sequence ``[B,T,G,D]`` -> one token per compression block ``[B,Nc,G,D]``.
@@ -69,6 +72,7 @@ class NSAAttention(AttentionBase):
         super().__init__(model_cfg)
         self.params = NSAParams.from_attn_cfg(attn_cfg)
         self.nsa_op = op_for(attn_cfg.impl, nsa_attention, "nsa_attention_triton")
+        self.decode_op = nsa_decode_step
         branches = self.params.branches
         self.kv_source = {c: "shared" if attn_cfg.shared_kv else c for c in BRANCHES}
         key_branches = [c for c in branches if c != "cmp"]
@@ -98,8 +102,26 @@ class NSAAttention(AttentionBase):
     def attend(
         self, x: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
+        keys, values = self._projected(x, cos, sin)
+        return self.nsa_op(q, self._gates(x), self.params, **self._branch_tensors(keys, values))
+
+    def _projected(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Rotated keys and values per source (a branch's own projection, or the shared one)."""
         keys = {src: self.keys(proj, x, cos, sin) for src, proj in self.k_proj.items()}
         values = {src: self.values(proj, x) for src, proj in self.v_proj.items()}
+        return keys, values
+
+    def _gates(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.sigmoid(self.gate(x)).unflatten(-1, (self.n_heads, len(self.params.branches)))
+        self._gate_means = gates.detach().mean(dim=(0, 1, 2))
+        return gates
+
+    def _branch_tensors(
+        self, keys: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The op's keyword tensors: compressed blocks, and each branch's keys and values."""
         branches, source = self.params.branches, self.kv_source
         tensors: dict[str, torch.Tensor] = {}
         if self.params.scores_selection:
@@ -109,9 +131,69 @@ class NSAAttention(AttentionBase):
         for c in ("slc", "win"):
             if c in branches:
                 tensors[f"k_{c}"], tensors[f"v_{c}"] = keys[source[c]], values[source[c]]
-        gates = torch.sigmoid(self.gate(x)).unflatten(-1, (self.n_heads, len(branches)))
-        self._gate_means = gates.detach().mean(dim=(0, 1, 2))
-        return self.nsa_op(q, gates, self.params, **tensors)
+        return tensors
+
+    def new_cache(self, max_len: int) -> LayerCache:
+        """Per source a buffer as long as its branches look back (all positions for
+        selection, the window, or the last ``l`` for completing compressed blocks), and
+        the compressed blocks finished so far."""
+        reach: dict[str, int] = {}
+        lookback = {"cmp": self.params.l, "slc": max_len, "win": self.params.w}
+        for branch in (*self.params.branches, *(["cmp"] if self.params.scores_selection else [])):
+            src = self.kv_source[branch]
+            reach[src] = max(reach.get(src, 0), min(lookback[branch], max_len))
+        return LayerCache(
+            kc=GrowingBuffer(), vc=GrowingBuffer(), **{s: KVBuffer(n) for s, n in reach.items()}
+        )
+
+    def attend_cached(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        keys, values = self._projected(x, cos, sin)
+        t, buffers = cache.length, cache.buffers
+        for src, k in keys.items():
+            buffers[src].write(k, values.get(src), t)
+        if t == 0:  # the prompt: the training path, keeping its compressed blocks
+            tensors = self._branch_tensors(keys, values)
+            for name in ("kc", "vc"):
+                if name in tensors:
+                    buffers[name].append(tensors[name])
+            return self.nsa_op(q, self._gates(x), self.params, **tensors)
+        self._complete_block(t, buffers)
+        return self.decode_op(
+            q[:, 0], self._gates(x)[:, 0], self.params, t, **self._step_tensors(t, buffers, q)
+        )[:, None]
+
+    def _complete_block(self, t: int, buffers: dict) -> None:
+        """Compress the block that position ``t`` completes, if any (``i*d + l - 1 = t``)."""
+        l, d = self.params.l, self.params.d
+        if not self.params.scores_selection or t + 1 < l or (t + 1 - l) % d:
+            return
+        raw = buffers[self.kv_source["cmp"]]
+        k, v = raw.window(t, l)
+        buffers["kc"].append(self.phi_k(k))
+        if "cmp" in self.params.branches:
+            buffers["vc"].append(self.phi_v(v))
+
+    def _step_tensors(self, t: int, buffers: dict, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decode op's keyword tensors at position ``t``, read from the cache."""
+        branches, source = self.params.branches, self.kv_source
+        shape = (self.n_kv_heads, self.head_dim)
+        tensors: dict[str, torch.Tensor] = {}
+        if self.params.scores_selection:
+            tensors["kc"] = buffers["kc"].all(q, shape)
+        if "cmp" in branches:
+            tensors["vc"] = buffers["vc"].all(q, shape)
+        if "slc" in branches:
+            tensors["k_slc"], tensors["v_slc"] = buffers[source["slc"]].upto(t)
+        if "win" in branches:
+            tensors["k_win"], tensors["v_win"] = buffers[source["win"]].window(t, self.params.w)
+        return tensors
 
     @torch.no_grad()
     def selection_indices(

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from nsa_lab.attention.base import SingleKVAttention
+from nsa_lab.attention.cache import KVBuffer
 from nsa_lab.attention.impl import op_for
 from nsa_lab.attention.registry import register
+from nsa_lab.kernels.nsa.torch_decode import attend_keys
 from nsa_lab.kernels.nsa.torch_ops import sliding_window_attention
 
 
@@ -28,6 +30,13 @@ class WindowAttention(SingleKVAttention):
 
     def attend_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.window_op(q, k, v, self.w)
+
+    def cache_capacity(self, max_len: int) -> int:
+        """A ring of the window: decoding memory stays ``w`` positions however long."""
+        return min(self.w, max_len)
+
+    def attend_step(self, q: torch.Tensor, kv: KVBuffer, t: int, scale: float) -> torch.Tensor:
+        return attend_keys(q, *kv.window(t, self.w), scale)
 
 
 register("window", "Sliding-window attention alone (window attn.w).", WindowAttention)

@@ -8,13 +8,16 @@ varies between experiments, so that loss differences are the attention's doing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nsa_lab.attention import build_attention
+from nsa_lab.attention.cache import LayerCache
 from nsa_lab.attention.rope import rope_tables
+from nsa_lab.models.sampling import next_token
 
 
 def ffn_width(d_model: int, ffn_hidden: int) -> int:
@@ -43,9 +46,31 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(model_cfg.d_model)
         self.mlp = SwiGLU(model_cfg.d_model, ffn_width(model_cfg.d_model, model_cfg.ffn_hidden))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class ModelCache:
+    """Every layer's KV cache, the rotary tables of all positions, and the length so far."""
+
+    def __init__(self, layers: list[LayerCache], cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.layers, self.cos, self.sin = layers, cos, sin
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.cos.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes the layers' caches hold now (per batch, all sequences together)."""
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 class GQATransformer(nn.Module):
@@ -76,8 +101,16 @@ class GQATransformer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        last_positions: int | None = None,
+        cache: ModelCache | None = None,
+    ) -> torch.Tensor:
         """Logits ``[B, T, vocab]``, or ``[B, last_positions, vocab]`` for the last positions.
+
+        With ``cache`` (from :meth:`new_cache`), ``idx`` continues what the cache has seen:
+        first the prompt, then one token per call (see :meth:`generate`).
 
         Evaluation reads a few positions of long prompts; the logits of every position,
         ``B * T * vocab`` values, grow with the vocabulary (4 GiB in bf16 for a batch of
@@ -87,14 +120,64 @@ class GQATransformer(nn.Module):
         if self.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.embed(idx)
-        cos, sin = rope_tables(self.head_dim, T, self.rope_theta, x.device, x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        if cache is None:
+            cos, sin = rope_tables(self.head_dim, T, self.rope_theta, x.device, x.dtype)
+            for block in self.blocks:
+                x = block(x, cos, sin)
+        else:
+            start = cache.length
+            if start + T > cache.max_len:
+                raise ValueError(f"{start + T} positions exceed the cache's {cache.max_len}")
+            cos, sin = cache.cos[start : start + T], cache.sin[start : start + T]
+            for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+                x = block(x, cos, sin, layer_cache)
+            cache.length += T
         if last_positions is not None:
             if not 1 <= last_positions <= T:
                 raise ValueError(f"last_positions={last_positions} must be in 1..{T}")
             x = x[:, T - last_positions :]
         return self.head(self.norm(x))
+
+    def new_cache(self, max_len: int, device: torch.device | str, dtype: torch.dtype) -> ModelCache:
+        """Empty KV caches for sequences of up to ``max_len`` positions (prompt included).
+
+        ``dtype`` is that of the rotary tables, the model's parameter dtype.
+        """
+        if not 1 <= max_len <= self.max_seq_len:
+            raise ValueError(
+                f"max_len={max_len} must be in 1..model.max_seq_len={self.max_seq_len}"
+            )
+        layers = [block.attn.new_cache(max_len) for block in self.blocks]
+        cos, sin = rope_tables(self.head_dim, max_len, self.rope_theta, device, dtype)
+        return ModelCache(layers, cos, sin)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yields ``max_new_tokens`` tokens ``[B]`` one at a time after ``prompt [B, T]``.
+
+        The prompt runs once through the training path and fills the KV caches
+        (prefill); each new token is then one cached step. ``temperature=0`` is greedy;
+        otherwise softmax sampling at that temperature, over the ``top_k`` most likely
+        tokens when given.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        param = next(self.parameters())
+        cache = self.new_cache(prompt.shape[1] + max_new_tokens, param.device, param.dtype)
+        logits = self(prompt, last_positions=1, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            token = next_token(logits, temperature, top_k, generator)
+            yield token
+            if step + 1 < max_new_tokens:
+                logits = self(token[:, None], cache=cache)[:, -1]
 
     def gate_means(self) -> dict[str, float]:
         """Mean NSA branch gates of the last forward, keyed ``layer{i}/{branch}``."""
