@@ -143,9 +143,7 @@ def _profile(step: Callable[[], None], variant: str, steps: int = 3, rows: int =
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    table = events.table(
-        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70
-    )
+    table = events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
     return f"profile of {variant}, {steps} steps, {kernels / steps:.0f} GPU ops per step:\n{table}"
 
 
