@@ -201,3 +201,24 @@ def test_bf16_step_on_gpu_matches_float32_torch(t):
         q.float(), gates.float(), params, t, **{n: x.float() for n, x in caches.items()}
     )
     close(out.float(), ref, tol=2e-2)
+
+
+def test_nsa_layer_decodes_through_the_kernels_as_its_full_forward():
+    """``attn.impl=triton``: prefill (training kernels) + one-token steps (decode kernels)
+    give the logits of one full forward, as the PyTorch path does in test_decoding."""
+    from nsa_lab.config import load_config
+    from nsa_lab.models import GQATransformer
+    from tests.test_decoding import SHAPE, TOTAL, VOCAB
+
+    cfg = load_config(overrides=[*SHAPE, "attn.name=nsa", "attn.impl=triton"])
+    torch.manual_seed(0)
+    model = GQATransformer(cfg.model, cfg.attn, VOCAB).to(DEVICE).eval()
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.3)
+    tokens = torch.randint(0, VOCAB, (2, TOTAL), device=DEVICE)
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(TOTAL, DEVICE, torch.float32)
+        steps = [model(tokens[:, :13], cache=cache)]
+        steps += [model(tokens[:, t : t + 1], cache=cache) for t in range(13, TOTAL)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)

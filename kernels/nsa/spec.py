@@ -113,3 +113,10 @@ def run_branches(
     if "win" in params.branches:
         outputs["win"] = window(q, k_win, v_win)
     return combine(outputs, gates, params.branches)
+
+
+def kernel_dtype(q: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``q``'s device, else ``q``'s own."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype

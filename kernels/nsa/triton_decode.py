@@ -39,7 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_lab.kernels.nsa.spec import NSAParams, heads_per_group, run_branches, softmax_scale
+from nsa_lab.kernels.nsa.spec import (
+    NSAParams,
+    heads_per_group,
+    kernel_dtype,
+    run_branches,
+    softmax_scale,
+)
 from nsa_lab.kernels.nsa.torch_decode import selected_blocks_decode
 from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton
 from nsa_lab.kernels.nsa.triton_tuning import autotune, interpreted
@@ -85,7 +91,7 @@ def nsa_decode_step_triton(
     caches = {"kc": kc, "vc": vc, "k_slc": k_slc, "v_slc": v_slc, "k_win": k_win, "v_win": v_win}
     _refuse_autograd(q, gates, *caches.values())
     scale = softmax_scale(q, scale)
-    dtype = _kernel_dtype(q)
+    dtype = kernel_dtype(q)
     caches = {name: None if x is None else x.to(dtype) for name, x in caches.items()}
     o = run_branches(
         q.to(dtype),
@@ -172,13 +178,6 @@ def _refuse_autograd(*tensors: torch.Tensor | None) -> None:
             "the Triton decode kernels are inference only (no backward); call them under "
             "torch.no_grad() or torch.inference_mode()"
         )
-
-
-def _kernel_dtype(q: torch.Tensor) -> torch.dtype:
-    """As ``triton_ops.kernel_dtype`` (not imported: ``triton_ops`` imports this module)."""
-    if torch.is_autocast_enabled(q.device.type):
-        return torch.get_autocast_dtype(q.device.type)
-    return q.dtype
 
 
 def _gated_sum(

@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from nsa_lab.kernels.nsa.spec import NSAParams, run_branches, softmax_scale
+from nsa_lab.kernels.nsa.spec import NSAParams, kernel_dtype, run_branches, softmax_scale
 
 # The decode step lives here too: the layer picks it by name through attention/impl.op_for.
 from nsa_lab.kernels.nsa.triton_decode import nsa_decode_step_triton  # noqa: F401
 from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton
 from nsa_lab.kernels.nsa.triton_range_attention import range_attention
 from nsa_lab.kernels.nsa.triton_selection import select_blocks_triton, selection_attention_triton
-
-
-def kernel_dtype(q: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for ``q``'s device, else ``q``'s own."""
-    if torch.is_autocast_enabled(q.device.type):
-        return torch.get_autocast_dtype(q.device.type)
-    return q.dtype
 
 
 def compression_branch(

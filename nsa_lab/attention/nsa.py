@@ -72,7 +72,7 @@ class NSAAttention(AttentionBase):
         super().__init__(model_cfg)
         self.params = NSAParams.from_attn_cfg(attn_cfg)
         self.nsa_op = op_for(attn_cfg.impl, nsa_attention, "nsa_attention_triton")
-        self.decode_op = nsa_decode_step
+        self.decode_op = op_for(attn_cfg.impl, nsa_decode_step, "nsa_decode_step_triton")
         branches = self.params.branches
         self.kv_source = {c: "shared" if attn_cfg.shared_kv else c for c in BRANCHES}
         key_branches = [c for c in branches if c != "cmp"]

@@ -170,7 +170,7 @@ def train_table(results: Sequence[StepResult]) -> list[str]:
     for r in results:
         ratio = r.tokens_per_s / full[r.bench.seq_len] if r.bench.seq_len in full else None
         rows.append(
-            f"| {r.bench.variant} | {_kilo(r.bench.seq_len)} | {r.bench.batch} "
+            f"| {r.bench.variant} | {kilo(r.bench.seq_len)} | {r.bench.batch} "
             f"| {r.params / 1e6:.1f}M | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} "
             f"| {_maybe(ratio, '.2f')} | {_maybe(r.mfu, '.1%')} | {_maybe(r.peak_gib, '.2f')} "
             f"| {r.first_step_s:.1f} |"
@@ -178,7 +178,8 @@ def train_table(results: Sequence[StepResult]) -> list[str]:
     return rows
 
 
-def _kilo(n: int) -> str:
+def kilo(n: int) -> str:
+    """``8192 -> '8k'``; lengths that are not whole kibi-tokens as they are."""
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
