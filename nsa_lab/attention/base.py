@@ -19,7 +19,7 @@ from torch import nn
 
 from nsa_lab.attention.cache import KVBuffer, LayerCache
 from nsa_lab.attention.rope import apply_rope
-from nsa_lab.kernels.nsa.spec import softmax_scale
+from nsa_lab.kernels.nsa.spec import kernel_dtype, softmax_scale
 
 
 class AttentionBase(nn.Module):
@@ -138,7 +138,7 @@ class SingleKVAttention(AttentionBase):
     ) -> torch.Tensor:
         k, v = self.keys(self.k_proj, x, cos, sin), self.values(self.v_proj, x)
         kv, t = cache.buffers["kv"], cache.length
-        kv.write(k, v, t)
+        kv.write(*cache_dtype(k, v), t)
         if t == 0:  # the prompt: the training path
             return self.attend_kv(q, k, v)
         return self.attend_step(q[:, 0], kv, t, softmax_scale(q, None))[:, None]
@@ -146,3 +146,12 @@ class SingleKVAttention(AttentionBase):
     def attend_step(self, q: torch.Tensor, kv: KVBuffer, t: int, scale: float) -> torch.Tensor:
         """The query at position ``t``, ``q [B,H,D]``, over the cache -> ``[B,H,D]``."""
         raise NotImplementedError
+
+
+def cache_dtype(
+    k: torch.Tensor, v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keys and values as a cache keeps them: in the autocast dtype under autocast (RoPE
+    hands out float32 keys; a bf16 cache is half the memory and what the kernels read)."""
+    dtype = kernel_dtype(k)
+    return k.to(dtype), None if v is None else v.to(dtype)

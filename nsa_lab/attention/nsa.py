@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nsa_lab.attention.base import AttentionBase
+from nsa_lab.attention.base import AttentionBase, cache_dtype
 from nsa_lab.attention.cache import GrowingBuffer, KVBuffer, LayerCache
 from nsa_lab.attention.impl import op_for
 from nsa_lab.attention.registry import register
@@ -157,7 +157,7 @@ class NSAAttention(AttentionBase):
         keys, values = self._projected(x, cos, sin)
         t, buffers = cache.length, cache.buffers
         for src, k in keys.items():
-            buffers[src].write(k, values.get(src), t)
+            buffers[src].write(*cache_dtype(k, values.get(src)), t)
         if t == 0:  # the prompt: the training path, keeping its compressed blocks
             tensors = self._branch_tensors(keys, values)
             for name in ("kc", "vc"):
