@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -35,7 +36,6 @@ from nsa_lab.evaluation.needle import (
     evaluate_model,
     exact_match,
     greedy_answers,
-    greedy_continuation,
     make_grid,
 )
 from nsa_lab.evaluation.results import CellResult, NeedleResults, markdown_table, write_results
@@ -255,14 +255,27 @@ def tail(logits: torch.Tensor, last_positions: int | None) -> torch.Tensor:
     return logits if last_positions is None else logits[:, logits.shape[1] - last_positions :]
 
 
-class NextByte(nn.Module):
+class Uncached(nn.Module):
+    """A model's ``generate`` (greedy) the slow way: a forward pass over the whole
+    sequence per token, for models that have no KV cache."""
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
+        tokens = prompt
+        for _ in range(max_new_tokens):
+            token = self(tokens, last_positions=1)[:, -1].argmax(dim=-1)
+            yield token
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+
+
+class NextByte(Uncached):
     """Predicts ``last token + 1``: a model whose greedy output is known in advance."""
 
     def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
         return tail(nn.functional.one_hot((idx + 1) % 257, 257).float(), last_positions)
 
 
-class Oracle(nn.Module):
+class Oracle(Uncached):
     """Reads the needle's value off the prompt: the answer a perfect retriever gives."""
 
     def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
@@ -275,9 +288,9 @@ class Oracle(nn.Module):
         return tail(logits, last_positions)
 
 
-class FullLogits(nn.Module):
+class FullLogits(Uncached):
     """``model`` computing the logits of every position and slicing afterwards: the
-    memory-hungry path that ``last_positions`` replaces."""
+    memory-hungry path that ``last_positions`` replaces; it generates without a cache."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -308,10 +321,10 @@ def long_context_model(length: int, variant: str = "nsa") -> GQATransformer:
     return GQATransformer(cfg.model, cfg.attn, 257).double().eval()
 
 
-def test_greedy_continuation_appends_the_argmax_token_by_token():
-    prompts = torch.tensor([[10, 11], [200, 3]])
-    out = greedy_continuation(NextByte(), prompts, 3)
-    assert out.tolist() == [[12, 13, 14], [4, 5, 6]]
+def test_greedy_answers_append_the_argmax_token_by_token():
+    prompts = np.array([[10, 11], [200, 3]])
+    out = greedy_answers(NextByte(), prompts, CPU)
+    assert out.tolist() == [[12, 13, 14, 15, 16, 17, 18], [4, 5, 6, 7, 8, 9, 10]]
 
 
 def test_last_positions_are_the_tail_of_the_full_logits():
@@ -326,16 +339,17 @@ def test_last_positions_are_the_tail_of_the_full_logits():
             model(idx, last_positions=46)
 
 
-def test_long_prompts_get_the_same_answers_batched_or_not_and_with_full_logits(monkeypatch):
-    """At 1024 tokens, all trials in one forward pass, one per pass, and the full-logits
-    path generate the same tokens (NSA's batching is tested by the selection diagnosis)."""
+def test_long_prompts_get_the_same_answers_batched_or_not_and_without_a_cache(monkeypatch):
+    """At 1024 tokens, all trials in one batch, one per batch, and full forward passes of
+    the whole sequence per token (no KV cache) generate the same tokens (NSA's batching
+    is tested by the selection diagnosis, its cached decoding by ``test_decoding``)."""
     length = 1024
     model = long_context_model(length, "window")
     prompts, _ = cell_needles(letters_haystack(3 * length), length, 0.3, trials=2, seed=0)
     batched = greedy_answers(model, prompts, CPU)
     assert batched.shape == (2, ANSWER_TOKENS)
     assert torch.equal(greedy_answers(FullLogits(model), prompts, CPU), batched)
-    monkeypatch.setattr(needle_eval, "TOKENS_PER_BATCH", length)  # one prompt per forward pass
+    monkeypatch.setattr(needle_eval, "TOKENS_PER_BATCH", length)  # one prompt per batch
     assert torch.equal(greedy_answers(model, prompts, CPU), batched)
 
 

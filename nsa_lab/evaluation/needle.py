@@ -4,12 +4,10 @@ For every (context length, depth) cell, ``trials`` evaluation needles (see
 :mod:`nsa_lab.data.needle` for the format) are hidden in held-out corpus text
 (the validation split, which training never sees), the model answers greedily,
 and an answer counts only if it is exactly the value followed by the full stop.
-The model has no KV cache, so each answer token re-reads the whole context;
-answers are seven tokens and a cell's trials run in batches of about
-``TOKENS_PER_BATCH`` tokens, so this is cheap (on an H200, a cell of 20 needles takes
-about 1 s and 1.1 GiB at 8k tokens for a 25M-parameter NSA model, ``scripts/needle_memory.py``).
-Only the last position's logits are computed per step, since those of every position
-grow with the vocabulary.
+A cell's trials run in batches of about ``TOKENS_PER_BATCH`` tokens, decoded through
+the model's KV caches: the prompts run through the model once (only the last
+position's logits are computed, since those of every position grow with the
+vocabulary), then each of the seven answer tokens is one cached step.
 
 :func:`evaluate_run` (the ``nsa-lab eval needle`` command) and the training
 callback both go through :func:`run_needle_eval`.
@@ -49,7 +47,7 @@ DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))
 DEFAULT_TRIALS = 20
 # A default length leaves at least as much haystack as needle, question and answer take.
 MIN_DEFAULT_LENGTH = 2 * OVERHEAD_TOKENS
-# Trials per forward pass are capped so that a batch holds about this many tokens.
+# Trials per batch are capped so that a batch holds about this many tokens.
 TOKENS_PER_BATCH = 1 << 16
 _TOKENIZER = ByteTokenizer()
 
@@ -133,28 +131,19 @@ def cell_needles(
     return np.stack(prompts), facts
 
 
-@torch.no_grad()
-def greedy_continuation(model: nn.Module, prompts: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """The ``n_tokens`` most likely next tokens, one at a time, for each prompt row.
-
-    ``model(tokens, last_positions=1)`` gives the next-token logits alone (see
-    :class:`~nsa_lab.models.transformer.GQATransformer`).
-    """
-    tokens = prompts
-    for _ in range(n_tokens):
-        next_token = model(tokens, last_positions=1)[:, -1].argmax(dim=-1, keepdim=True)
-        tokens = torch.cat([tokens, next_token], dim=1)
-    return tokens[:, prompts.shape[1] :]
-
-
 def greedy_answers(model: nn.Module, prompts: np.ndarray, device: torch.device) -> torch.Tensor:
     """The greedy answers ``[rows, ANSWER_TOKENS]`` (on the CPU) to needle ``prompts``,
-    :func:`rows_per_batch` prompts per forward pass."""
+    :func:`rows_per_batch` prompts per batch.
+
+    Each batch is decoded through the KV caches (``model.generate``): its prompts run
+    through the model once, then every answer token is one cached step.
+    """
     rows = rows_per_batch(prompts.shape[1] + ANSWER_TOKENS)
     answers = []
     for chunk in torch.split(torch.from_numpy(prompts), rows):
         with eval_autocast(device):
-            answers.append(greedy_continuation(model, chunk.to(device), ANSWER_TOKENS).cpu())
+            steps = model.generate(chunk.to(device), ANSWER_TOKENS)
+            answers.append(torch.stack(list(steps), dim=1).cpu())
     return torch.cat(answers)
 
 
@@ -179,7 +168,7 @@ def evaluate_model(
 
 
 def rows_per_batch(length: int) -> int:
-    """Prompts of ``length`` tokens per forward pass: ``TOKENS_PER_BATCH`` tokens, at least one."""
+    """Prompts of ``length`` tokens per batch: ``TOKENS_PER_BATCH`` tokens, at least one."""
     return max(1, TOKENS_PER_BATCH // length)
 
 
