@@ -100,6 +100,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from nsa_lab.benchmarks.kernels import run_kernel_bench
 
         report = run_kernel_bench(lengths)
+    elif ns.what == "decode":
+        report = _decode_bench(ns, lengths)
     else:
         report = _train_bench(ns, lengths)
     print(report)
@@ -117,7 +119,10 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
     variants, known = parse_names(ns.variants), [v.name for v in list_variants()]
     if not variants or any(v not in known for v in variants):
         raise ConfigError("--variants", ns.variants, f"must name registered variants: {known}")
-    for option in ("batch", "steps", "warmup"):
+    batches = parse_lengths(ns.batch or "4", "--batch")
+    if len(batches) != 1 or batches[0] < 1:
+        raise ConfigError("--batch", ns.batch, "must be one count >= 1 for bench train")
+    for option in ("steps", "warmup"):
         if getattr(ns, option) < 1:
             raise ConfigError(f"--{option}", getattr(ns, option), "must be >= 1")
     if ns.device.startswith("cuda") and not _cuda_available():
@@ -130,7 +135,7 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
     return run_train_bench(
         lengths,
         variants,
-        batch=ns.batch,
+        batch=batches[0],
         steps=ns.steps,
         warmup=ns.warmup,
         compile_model=ns.compile,
@@ -138,6 +143,22 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
         device=ns.device,
         profile=ns.profile,
     )
+
+
+def _decode_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
+    """``nsa-lab bench decode``: its options checked before any run."""
+    from nsa_lab.benchmarks.decode import run_decode_bench
+
+    batches = parse_lengths(ns.batch or "1,8", "--batch")
+    if not batches or min(batches) < 1:
+        raise ConfigError("--batch", ns.batch, "must be positive counts")
+    if ns.steps < 1:
+        raise ConfigError("--steps", ns.steps, "must be >= 1")
+    if min(lengths) <= ns.steps:
+        raise ConfigError("--lengths", ns.lengths, f"must exceed --steps={ns.steps}")
+    if ns.device.startswith("cuda") and not _cuda_available():
+        raise ConfigError("--device", ns.device, "needs a CUDA GPU, and this machine has none")
+    return run_decode_bench(lengths, batches, ns.steps, ns.device)
 
 
 def _cuda_available() -> bool:
@@ -296,18 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
         "a training step. train: end-to-end training steps per attention variant (tokens/s, "
         "MFU, peak memory, time to the first step), each in a fresh process; the model is "
         "the small research shape (6 layers, d_model 512, 8 heads in 2 groups of 64) unless "
-        "--set changes it.",
+        "--set changes it. decode: keys read per decoding step against the paper's Table 4, "
+        "the NSA decode step against full attention's, and generation tokens/s.",
         "nsa-lab bench train --lengths 8k,16k --variants full,nsa,window --set model.n_layers=4",
         config=False,
     )
-    bench.add_argument("what", choices=["kernels", "train"], help="what to benchmark")
+    bench.add_argument("what", choices=["kernels", "train", "decode"], help="what to benchmark")
     bench.add_argument("--lengths", default="8k,16k,32k,64k", help="sequence lengths")
     bench.add_argument("--out", help="also write the markdown report to this file")
     bench.add_argument(
         "--variants", default="full,nsa,window,nsa_shared_kv", help="train: attention variants"
     )
-    bench.add_argument("--batch", type=int, default=4, help="train: sequences per step")
-    bench.add_argument("--steps", type=int, default=20, help="train: timed steps (median)")
+    bench.add_argument(
+        "--batch", help="train: sequences per step (default 4); decode: batch sizes (1,8)"
+    )
+    bench.add_argument(
+        "--steps", type=int, default=20, help="train: timed steps (median); decode: timed tokens"
+    )
     bench.add_argument("--warmup", type=int, default=5, help="train: untimed steps first")
     bench.add_argument(
         "--compile", action="store_true", help="train: torch.compile the blocks (train.compile)"

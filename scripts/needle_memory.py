@@ -2,8 +2,8 @@
 run it, at long contexts (GPU only; random weights: memory and time do not depend on them).
 
 For each vocabulary size, variant and length: one cell of ``--trials`` needles answered
-greedily with next-token logits only (what ``eval needle`` does) and with the logits of
-every position (the path it replaced), and for NSA the selection diagnosis of the cell.
+greedily through the KV caches (what ``eval needle`` does: one prefill, then a cached
+step per answer token), and for NSA the selection diagnosis of the cell.
 Prints a markdown table. The model is the issue-13 one: 6 layers, d_model 512, 8 query
 heads in 2 groups of head_dim 64, NSA blocks l=32, d=16, l'=64, n=16, w=512.
 
@@ -18,16 +18,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from nsa_lab.config import load_config
-from nsa_lab.evaluation.needle import (
-    cell_needles,
-    greedy_answers,
-    make_grid,
-    parse_lengths,
-    rows_per_batch,
-)
+from nsa_lab.config import load_config, parse_lengths
+from nsa_lab.evaluation.needle import cell_needles, greedy_answers, make_grid, rows_per_batch
 from nsa_lab.evaluation.selection import diagnose_cell, reference_op, selecting_layers
 from nsa_lab.models import GQATransformer
 
@@ -44,18 +37,6 @@ MODEL = [
     "attn.w=512",
 ]
 DEPTH = 0.5
-
-
-class FullLogits(nn.Module):
-    """The model as ``eval needle`` ran it before: logits of every position, then sliced."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx: torch.Tensor, last_positions: int | None = None) -> torch.Tensor:
-        logits = self.model(idx)
-        return logits if last_positions is None else logits[:, -last_positions:]
 
 
 def measured(work: Callable[[], object]) -> tuple[float, float]:
@@ -84,7 +65,7 @@ def main() -> None:
     haystack = np.random.default_rng(0).integers(0, 256, 2 * max(lengths)).astype(np.int32)
     print(f"{torch.cuda.get_device_name()}, {args.trials} needles per cell, depth {DEPTH}\n")
     head = ["vocab", "variant", "length", "rows/pass", "needle s", "needle GiB"]
-    head += ["full-logits GiB", "selection s", "selection GiB"]
+    head += ["selection s", "selection GiB"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for vocab in map(int, args.vocab.split(",")):
         for variant in args.variants.split(","):
@@ -101,9 +82,6 @@ def main() -> None:
                 model = GQATransformer(cfg.model, cfg.attn, vocab).to(device).eval()
                 prompts, _ = cell_needles(haystack, length, DEPTH, args.trials, seed=0)
                 seconds, gib = measured(lambda m=model, p=prompts: greedy_answers(m, p, device))
-                _, full_gib = measured(
-                    lambda m=model, p=prompts: greedy_answers(FullLogits(m), p, device)
-                )
                 selection = "- | -"
                 layers = selecting_layers(model)
                 if layers:
@@ -117,7 +95,7 @@ def main() -> None:
                     selection = f"{sel_s:.2f} | {sel_gib:.2f}"
                 print(
                     f"| {vocab} | {variant} | {length} | {rows_per_batch(length)} | "
-                    f"{seconds:.2f} | {gib:.2f} | {full_gib:.2f} | {selection} |",
+                    f"{seconds:.2f} | {gib:.2f} | {selection} |",
                     flush=True,
                 )
                 del model

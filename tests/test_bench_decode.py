@@ -47,3 +47,20 @@ def test_generation_speed_runs_cached_steps_and_reports_cache_bytes(variant):
         assert result.cache_mib_per_sequence == pytest.approx(full_mib)
     else:  # selection keeps every position; window, raw-cmp rings and blocks come on top
         assert result.cache_mib_per_sequence > full_mib
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--batch", "0"], "--batch"),
+        (["--batch", "x"], "--batch"),
+        (["--steps", "0"], "--steps"),
+        (["--lengths", "16", "--steps", "16"], "--lengths"),
+    ],
+)
+def test_bench_decode_refuses_bad_input_before_any_run(argv, named, capsys):
+    from nsa_lab.cli import main
+
+    assert main(["bench", "decode", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err

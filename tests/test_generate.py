@@ -310,3 +310,12 @@ def test_bad_input_exits_2_naming_the_option_before_the_model_runs(
 def test_generate_run_raises_config_errors_for_direct_callers(checkpoint):
     with pytest.raises(ConfigError, match="--max-new-tokens"):
         generate_run(str(checkpoint), 0, prompt="abc")
+
+
+def test_a_run_id_against_a_missing_sqlite_store_creates_nothing(tmp_path, capsys):
+    store = tmp_path / "absent.db"
+    argv = ["generate", "0123456789abcdef0123456789abcdef", "--prompt", "a",
+            "--max-new-tokens", "2", "--tracking-uri", f"sqlite:///{store}"]  # fmt: skip
+    assert main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not store.exists()

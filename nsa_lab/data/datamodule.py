@@ -146,6 +146,18 @@ class NSADataModule(LightningDataModule):
             raise RuntimeError("call NSADataModule.prepare_data() or setup() first")
         return self._tokenizer
 
+    def prepare_tokenizer(self) -> Tokenizer:
+        """The corpus's tokenizer without tokenising the corpus: a BPE comes from the token
+        cache (learnt from the training text first if the cache does not hold it)."""
+        if self._tokenizer is None:
+            self._tokenizer = cached_bpe(
+                self.train_source,
+                1.0 if self.val_source is not None else 1.0 - self.cfg.val_fraction,
+                self.cfg.vocab_size,
+                self.cache_dir,
+            )
+        return self._tokenizer
+
     @property
     def token_files(self) -> list[TokenFile]:
         """The cache entries: training, then validation unless it is the training tail."""
@@ -185,13 +197,7 @@ class NSADataModule(LightningDataModule):
         Lightning calls this on one process, and the file lock covers the others."""
         if self._token_files is not None:
             return
-        if self._tokenizer is None:
-            self._tokenizer = cached_bpe(
-                self.train_source,
-                1.0 if self.val_source is not None else 1.0 - self.cfg.val_fraction,
-                self.cfg.vocab_size,
-                self.cache_dir,
-            )
+        self.prepare_tokenizer()
         sources = [s for s in (self.train_source, self.val_source) if s is not None]
         self._token_files = [cached_tokens(s, self._tokenizer, self.cache_dir) for s in sources]
 

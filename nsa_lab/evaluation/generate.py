@@ -104,14 +104,11 @@ def run_tokenizer(cfg: DictConfig, vocab_size: int) -> Tokenizer:
         tokenizer: Tokenizer = ByteTokenizer()
     else:
         from nsa_lab.data import NSADataModule, cache_dir_for
-        from nsa_lab.data.cache import cached_bpe
 
         data = NSADataModule(
             cfg.data, cfg.train.seed, cache_dir=cache_dir_for(cfg.data, cfg.tracking.uri)
         )
-        # The BPE's training text, as NSADataModule.prepare_data gives it.
-        head = 1.0 if data.val_source is not None else 1.0 - cfg.data.val_fraction
-        tokenizer = cached_bpe(data.train_source, head, cfg.data.vocab_size, data.cache_dir)
+        tokenizer = data.prepare_tokenizer()
     if tokenizer.vocab_size != vocab_size:
         raise ConfigError(
             "data.tokenizer",

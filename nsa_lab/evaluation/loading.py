@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from nsa_lab.config import ConfigError, TrackingConfig
+from nsa_lab.config import ConfigError, TrackingConfig, sqlite_path
 from nsa_lab.tracking.mlflow_run import RUN_ID
 from nsa_lab.training.module import LanguageModel
 
@@ -64,6 +64,11 @@ def load_run(ref: str, tracking_uri: str | None = None) -> LoadedRun:
 
 def checkpoint_of_run(run_id: str, tracking_uri: str) -> Path:
     """The ``last.ckpt`` of MLflow run ``run_id`` (see the module docstring for how)."""
+    if (db := sqlite_path(tracking_uri)) is not None and not db.is_file():
+        # Opening a SQLite store that does not exist would create an empty one.
+        raise ConfigError(
+            "RUN", run_id, f"no such run: the tracking store {tracking_uri} does not exist"
+        )
     try:
         run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
     except MlflowException as exc:

@@ -93,7 +93,7 @@ def layer_inputs(layers: Sequence[NSAAttention]) -> Iterator[list[tuple[torch.Te
     """Collects each layer's ``(x, cos, sin)`` during the forward passes inside."""
     seen: list[tuple[torch.Tensor, ...]] = []
     handles = [
-        layer.register_forward_pre_hook(lambda _, args: seen.append(args)) for layer in layers
+        layer.register_forward_pre_hook(lambda _, args: seen.append(args[:3])) for layer in layers
     ]
     try:
         yield seen
