@@ -47,6 +47,7 @@ from omegaconf import DictConfig
 from nsa_lab.config import ConfigError, DataConfig, sqlite_path
 from nsa_lab.data.corpus import DocumentEncoder, DocumentSource, document_texts
 from nsa_lab.data.tokenizer import BPETokenizer, Tokenizer, token_dtype, train_bpe
+from nsa_lab.files import write_atomic
 
 CACHE_FORMAT = 1  # bump when the content of an entry changes for the same key
 DEFAULT_FOLDER = "token_cache"
@@ -196,7 +197,9 @@ def _build(folder: Path, source: DocumentSource, tokenizer: Tokenizer, digest: s
         "tokenizer": tokenizer.describe(),
         "source": {"kind": source.kind, "key": source.key, "path": source.path},
     }
-    _write_atomically(folder / META_FILE, json.dumps(meta, indent=1).encode())
+    write_atomic(
+        folder / META_FILE, lambda tmp: tmp.write_bytes(json.dumps(meta, indent=1).encode())
+    )
     _report_trouble(source, stats, tokenizer)
     return TokenFile(folder, dtype, stats, source, True, time.perf_counter() - start)
 
@@ -244,19 +247,24 @@ def _write_tokens(
     n_tokens = n_documents = n_bytes = 0
     non_utf8: list[str] = []
     skipped: list[str] = []
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        for batch in _record_batches(documents):
-            flat = pc.list_flatten(batch["ids"]).to_numpy()
-            flat.astype(dtype, copy=False).tofile(out)
-            n_tokens += len(flat)
-            n_documents += pc.sum(pc.greater(pc.list_value_length(batch["ids"]), 0)).as_py() or 0
-            n_bytes += pc.sum(batch["n_bytes"]).as_py() or 0
-            non_utf8 += pc.list_flatten(batch["non_utf8"]).to_pylist()
-            skipped += pc.list_flatten(batch["skipped"]).to_pylist()
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+
+    def write_tokens(tmp: Path) -> None:
+        nonlocal n_tokens, n_documents, n_bytes
+        with open(tmp, "wb") as out:
+            for batch in _record_batches(documents):
+                flat = pc.list_flatten(batch["ids"]).to_numpy()
+                flat.astype(dtype, copy=False).tofile(out)
+                n_tokens += len(flat)
+                n_documents += (
+                    pc.sum(pc.greater(pc.list_value_length(batch["ids"]), 0)).as_py() or 0
+                )
+                n_bytes += pc.sum(batch["n_bytes"]).as_py() or 0
+                non_utf8.extend(pc.list_flatten(batch["non_utf8"]).to_pylist())
+                skipped.extend(pc.list_flatten(batch["skipped"]).to_pylist())
+            out.flush()
+            os.fsync(out.fileno())
+
+    write_atomic(path, write_tokens)
     return CorpusStats(
         n_tokens=n_tokens,
         n_documents=n_documents,
@@ -312,9 +320,8 @@ def cached_bpe(
                 sample = bpe_sample(
                     document_texts(source), source.size_hint(), head_fraction, BPE_SAMPLE_CHARS
                 )
-                tmp = path.with_name(path.name + ".tmp")
-                train_bpe(sample, vocab_size).save(tmp)
-                os.replace(tmp, path)
+                bpe = train_bpe(sample, vocab_size)
+                write_atomic(path, lambda tmp: bpe.save(tmp))
     return BPETokenizer.load(path)
 
 
@@ -336,9 +343,3 @@ def bpe_sample(texts: Iterable[str], total: int, head_fraction: float, cap: int)
 
 def _hash(key: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=10).hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+from nsa_lab.files import write_atomic  # noqa: E402
 
 ARTIFACT_DIR = "needle"
 JSON_NAME = "needle_results.json"
@@ -162,16 +163,6 @@ def write_results(results: NeedleResults, out_dir: str | Path, title: str = "") 
     write_atomic(paths[1], lambda p: p.write_text(results.to_csv()))
     write_atomic(paths[2], lambda p: plot_heatmap(results, p, title))
     return paths
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename onto ``path``: the file is whole or absent, never torn."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix for matplotlib
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def log_results(

@@ -38,7 +38,7 @@ from nsa_lab.evaluation.needle import (
     needle_setup,
     rows_per_batch,
 )
-from nsa_lab.evaluation.results import write_atomic
+from nsa_lab.files import write_atomic
 from nsa_lab.kernels.nsa.torch_ops import nsa_attention, preferring_blocks
 
 
