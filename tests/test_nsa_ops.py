@@ -1,5 +1,5 @@
 """NSA ops: the torch implementation against the loop reference, and the reference
-against hand-computed cases of NSA_SPEC.md."""
+against hand-computed cases of docs/nsa.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Native Sparse Attention ops (see ``NSA_SPEC.md``).
+"""Native Sparse Attention ops (see ``docs/nsa.md``).
 
 - :mod:`.spec`: the hyper-parameters and the GQA head layout every implementation shares.
 - :mod:`.torch_ops`: the blockwise PyTorch implementation used for training.

@@ -1,6 +1,6 @@
 """A slow, literal NSA reference for tests: per-query loops and dense ``T x T`` masks.
 
-Every rule is spelled the way ``NSA_SPEC.md`` states it (visibility tests, the
+Every rule is spelled the way ``docs/nsa.md`` states it (visibility tests, the
 ``sum_m sum_r`` overlap, forced blocks by their definition), independently of
 :mod:`.torch_ops`, so that agreement between the two is evidence, not tautology.
 Use float64: it is meant to be exact, not fast.

@@ -2,7 +2,7 @@
 
 Only conventions live here, no masking or selection logic: the reference
 (:mod:`.naive`) and the fast implementation (:mod:`.torch_ops`) each derive those
-from ``NSA_SPEC.md`` on their own, so that comparing them actually tests something.
+from ``docs/nsa.md`` on their own, so that comparing them actually tests something.
 
 Conventions:
 - Tensors are ``[B, T, heads, dim]``; compressed keys/values are ``[B, Nc, G, dim]``.

@@ -1,7 +1,7 @@
 """Triton kernels for NSA's selection branch: block scoring, top-n, and group-centric attention.
 
 Same functions as ``torch_ops.selection_scores`` + ``select_blocks`` and
-``torch_ops.selection_attention`` (see ``NSA_SPEC.md``), built so that nothing of size
+``torch_ops.selection_attention`` (see ``docs/nsa.md``), built so that nothing of size
 ``T x T`` or ``T x Nc`` ever reaches memory:
 
 - :func:`select_blocks_triton` walks the queries in chunks. Per chunk, a score kernel

@@ -1,4 +1,4 @@
-"""``nsa`` and its ablations: Native Sparse Attention as a layer (see ``NSA_SPEC.md``).
+"""``nsa`` and its ablations: Native Sparse Attention as a layer (see ``docs/nsa.md``).
 
 Per active branch the layer owns key/value projections ``W_k^c, W_v^c`` (or one shared
 pair with ``attn.shared_kv``), compression MLPs ``phi_K, phi_V`` and a sigmoid gate per

@@ -1,7 +1,7 @@
 """What a model costs: the keys each query attends, and training FLOPs per token.
 
 Attended tokens per query. For query position ``t`` (0-indexed, so ``t + 1`` positions
-are causally visible) the count follows ``NSA_SPEC.md`` branch by branch, and the
+are causally visible) the count follows ``docs/nsa.md`` branch by branch, and the
 result is its mean over ``t = 0 .. seq_len - 1``:
 
 - ``full``: ``t + 1`` keys.
