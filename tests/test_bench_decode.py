@@ -24,7 +24,9 @@ def test_paper_formula_reproduces_table_4(t_len):
     assert nsa_keys_per_step(t_len, PAPER_PARAMS) == PAPER_TABLE_4[t_len] - 1
 
 
-def test_short_contexts_count_only_what_exists():
+def test_short_contexts_count_the_visible_blocks_and_window():
+    """Selected blocks count l' keys each, the own partial block included (it is loaded
+    whole and masked), so at short contexts the count can exceed T."""
     params = NSAParams(l=32, d=16, l_sel=64, n=16, w=512)
     # t = 99: blocks ending at 31, 47, 63, 79, 95 -> 5; selection blocks 0 and 1; window 100.
     assert nsa_keys_per_step(100, params) == 5 + 2 * 64 + 100
