@@ -31,9 +31,11 @@ def _config_from(ns: argparse.Namespace):
 
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _config_from(ns)
-    from nsa_lab.training.run import train  # heavy imports only when training
+    # heavy imports only when training
+    from nsa_lab.evaluation.callback import needle_eval_callbacks
+    from nsa_lab.training.run import train
 
-    result = train(cfg)
+    result = train(cfg, callbacks=needle_eval_callbacks(cfg))
     if result.run_id is None:  # a DDP worker: rank 0 reports
         return 0
     print(

@@ -19,7 +19,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-BRANCHES = ("cmp", "slc", "win")
+# ConfigError lives in nsa_lab.errors and BRANCHES in the kernels' spec; both are
+# importable from here too.
+from nsa_lab.errors import ConfigError
+from nsa_lab.kernels.nsa.spec import BRANCHES
+
 IMPLS = ("auto", "torch", "triton")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -28,14 +32,6 @@ TOKENIZERS = ("byte", "bpe")
 # A byte-level BPE starts from the 256 bytes and the end-of-document id: a vocabulary
 # must have room for at least one merge beyond them.
 MIN_BPE_VOCAB = 258
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value, reported as ``key=value: rule``."""
-
-    def __init__(self, key: str, value: Any, rule: str) -> None:
-        self.key, self.value, self.rule = key, value, rule
-        super().__init__(f"invalid config: {key}={value!r}: {rule}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nsa_lab.config import ConfigError
+from nsa_lab.errors import ConfigError
 
 Op = Callable[..., torch.Tensor]
 TRITON_OPS_MODULE = "nsa_lab.kernels.nsa.triton_ops"

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from nsa_lab.errors import ConfigError
+
 Builder = Callable[[Any, Any], nn.Module]
 
 
@@ -39,8 +41,6 @@ def register(name: str, description: str, build: Builder, **defaults: Any) -> Va
 
 
 def get_variant(name: str) -> Variant:
-    from nsa_lab.config import ConfigError
-
     if name not in _REGISTRY:
         raise ConfigError("attn.name", name, f"unknown variant; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig
 
 from nsa_lab.config import ConfigError
 from nsa_lab.evaluation.needle import make_grid, run_needle_eval
+
+
+def needle_eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks ``train(cfg, callbacks=...)`` needs for ``train.eval_needle``: none
+    when it is off. Raises ConfigError (before any work) for a run that cannot evaluate."""
+    if not cfg.train.eval_needle:
+        return []
+    return [NeedleEvalCallback(cfg.train.strategy)]
 
 
 class NeedleEvalCallback(L.Callback):

@@ -19,10 +19,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError, TrackingConfig, sqlite_path
-from nsa_lab.tracking.mlflow_run import RUN_ID
+from nsa_lab.tracking.mlflow_run import CHECKPOINT_TAG, RUN_ID
 from nsa_lab.training.module import LanguageModel
 
-CHECKPOINT_TAG = "checkpoint"
 DEFAULT_TRACKING_URI = TrackingConfig.uri
 
 

@@ -15,11 +15,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from nsa_lab.config import flatten, sqlite_path, to_yaml
+from nsa_lab.tracking.loss_by_position import logged_losses_by_position
 from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
-from nsa_lab.training.loss_by_position import logged_losses_by_position
 
 # What an MLflow run id looks like: lets the CLI tell a run id from a path or a name.
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# The run tag holding the absolute path of the run's last.ckpt, set by `nsa-lab train`, so
+# that `nsa-lab eval needle RUN_ID` finds the weights.
+CHECKPOINT_TAG = "checkpoint"
 
 
 def git_commit() -> str:

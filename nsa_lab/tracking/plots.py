@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
-from nsa_lab.training.loss_by_position import PositionBucket, tokens_label  # noqa: E402
+from nsa_lab.tracking.loss_by_position import PositionBucket, tokens_label  # noqa: E402
 
 Curve = list[tuple[int, float]]
 

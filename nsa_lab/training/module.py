@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.data.needle import answer_mask
 from nsa_lab.models.transformer import GQATransformer
+from nsa_lab.tracking.loss_by_position import bucket_means, position_buckets
 from nsa_lab.training.callbacks import writes_logs
-from nsa_lab.training.loss_by_position import bucket_means, position_buckets
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

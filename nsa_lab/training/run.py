@@ -17,10 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from nsa_lab.config import ConfigError
 from nsa_lab.data import NSADataModule, cache_dir_for
-from nsa_lab.evaluation.callback import NeedleEvalCallback
-from nsa_lab.evaluation.loading import CHECKPOINT_TAG
 from nsa_lab.models.flops import training_flops_per_token
-from nsa_lab.tracking.mlflow_run import finish, log_config, log_loss_curves, make_logger
+from nsa_lab.tracking.mlflow_run import (
+    CHECKPOINT_TAG,
+    finish,
+    log_config,
+    log_loss_curves,
+    make_logger,
+)
 from nsa_lab.training.callbacks import (
     AtomicCheckpointIO,
     CheckpointOnCrash,
@@ -52,8 +56,10 @@ def train(
 
     The MLflow run ends FINISHED, or FAILED on any exception or Ctrl-C; a crash
     leaves ``on_exception.ckpt`` beside the periodic ``last.ckpt`` for ``train.resume``.
-    ``callbacks`` join the trainer's own (a sweep's pruning callback, say) and
-    ``tags`` the run's (e.g. ``mlflow.parentRunId`` for a sweep trial).
+    ``callbacks`` join the trainer's own (a sweep's pruning callback, say; the needle
+    evaluation of ``train.eval_needle`` is the caller's to pass, see
+    :func:`nsa_lab.evaluation.callback.needle_eval_callbacks`) and ``tags`` the run's
+    (e.g. ``mlflow.parentRunId`` for a sweep trial).
     """
     check_compile(cfg.train.compile, cfg.train.strategy)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -71,8 +77,6 @@ def train(
     if cfg.train.compile:
         compile_model(module.model)
 
-    if cfg.train.eval_needle:
-        callbacks = [*callbacks, NeedleEvalCallback(cfg.train.strategy)]
     ckpt_dir = Path(cfg.train.ckpt_dir) / cfg.tracking.run_name
     # The checkpoint tag lets `nsa-lab eval needle RUN_ID` find the weights.
     run_tags = {CHECKPOINT_TAG: str((ckpt_dir / "last.ckpt").resolve()), **(tags or {})}
