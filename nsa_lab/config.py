@@ -11,7 +11,7 @@ work starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,23 @@ from nsa_lab.kernels.nsa.spec import BRANCHES
 
 IMPLS = ("auto", "torch", "triton")
 STRATEGIES = ("auto", "ddp", "fsdp")
+# Lightning's built-in accelerators this project can run on ("gpu" is Lightning's alias
+# for cuda); TPUs (XLA) are left out: the attention kernels are PyTorch and Triton.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# MLflow tracking stores that make sense here: a SQLite file, a local folder (file: URI or
+# plain path), a tracking server, Databricks, or another database MLflow's SQL store takes.
+TRACKING_SCHEMES = (
+    "sqlite",
+    "file",
+    "http",
+    "https",
+    "databricks",
+    "postgresql",
+    "mysql",
+    "mssql",
+)
+# Lightning's seed_everything takes a uint32.
+MAX_SEED = 2**32 - 1
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 DATA_SOURCES = ("builtin", "python_source", "text", "json", "parquet", "hub")
 TOKENIZERS = ("byte", "bpe")
@@ -213,6 +230,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_attn(cfg.attn)
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
+    _validate_tracking(cfg.tracking)
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -223,6 +241,12 @@ def _require(ok: bool, key: str, value: Any, rule: str) -> None:
 def _require_positive(section: DictConfig, prefix: str, keys: Sequence[str]) -> None:
     for key in keys:
         _require(section[key] >= 1, f"{prefix}.{key}", section[key], "must be >= 1")
+
+
+def _require_nonempty(section: DictConfig, prefix: str, keys: Sequence[str]) -> None:
+    for key in keys:
+        value = section[key]
+        _require(bool(str(value).strip()), f"{prefix}.{key}", value, "must not be empty")
 
 
 def _validate_model(m: DictConfig) -> None:
@@ -237,6 +261,7 @@ def _validate_model(m: DictConfig) -> None:
     )
     _require(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (RoPE)")
     _require(m.ffn_hidden >= 0, "model.ffn_hidden", m.ffn_hidden, "must be >= 0 (0 = auto)")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
 
 
 def _validate_attn(a: DictConfig) -> None:
@@ -287,6 +312,7 @@ def _validate_data(dc: DictConfig, m: DictConfig) -> None:
         _require(
             dc.path is not None, "data.path", dc.path, f"is required for data.source={dc.source}"
         )
+    _require_nonempty(dc, "data", ("split", "text_field"))
     _require_positive(dc, "data", ("seq_len", "batch_size"))
     _require(
         dc.seq_len <= m.max_seq_len,
@@ -340,12 +366,87 @@ def _validate_train(t: DictConfig) -> None:
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    for key in ("beta1", "beta2"):
+        _require(0 <= t[key] < 1, f"train.{key}", t[key], "must lie in [0, 1) (Adam's beta)")
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", t.seed, f"must lie in [0, {MAX_SEED}]")
+    _require_positive(t, "train", ("num_nodes",))
+    _require_nonempty(t, "train", ("ckpt_dir",))
+    for key, allowed in (
+        ("precision", PRECISIONS),
+        ("accelerator", ACCELERATORS),
+        ("strategy", STRATEGIES),
+    ):
+        _require(t[key] in allowed, f"train.{key}", t[key], f"must be one of {list(allowed)}")
+    parse_devices(t.devices)
+    resume = str(t.resume)
     _require(
-        t.precision in PRECISIONS,
-        "train.precision",
-        t.precision,
-        f"must be one of {list(PRECISIONS)}",
+        resume.lower() in RESUME_WORDS or Path(resume).is_file(),
+        "train.resume",
+        resume,
+        "is neither true/false nor an existing checkpoint file",
     )
+    _require(
+        not (t.eval_needle and t.strategy == "fsdp"),
+        "train.eval_needle",
+        True,
+        "needs the full model on one rank, which FSDP (train.strategy=fsdp) shards; "
+        "evaluate the checkpoint with `nsa-lab eval needle` instead",
+    )
+
+
+# train.resume: words that mean "fresh run" and "the latest checkpoint"; else a path.
+RESUME_FRESH = ("false", "no", "0", "")
+RESUME_LATEST = ("true", "yes", "1")
+RESUME_WORDS = RESUME_FRESH + RESUME_LATEST
+
+
+def parse_devices(value: str) -> int | str | list[int]:
+    """``train.devices`` as Lightning takes it: ``"auto"``, a count (``"2"``, ``"-1"`` = all)
+    or a list of device indices (``"0,1"`` or ``"[0,1]"``); ConfigError otherwise."""
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    if text == "-1":
+        return -1
+    if text.isdigit():
+        if int(text) >= 1:
+            return int(text)
+    else:
+        items = [x.strip() for x in text.strip("[]").split(",") if x.strip()]
+        if items and all(x.isdigit() for x in items) and len(set(items)) == len(items):
+            return [int(x) for x in items]
+    raise ConfigError(
+        "train.devices",
+        value,
+        'must be "auto", a device count >= 1 (-1: all) or a list of indices like "[0,1]"',
+    )
+
+
+def _validate_tracking(tc: DictConfig) -> None:
+    uri = tc.uri
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+    _require(
+        bool(uri.strip()) and (scheme == "" or scheme.split("+")[0] in TRACKING_SCHEMES),
+        "tracking.uri",
+        uri,
+        f"must be a store MLflow can use: a path or a URI with scheme {list(TRACKING_SCHEMES)}",
+    )
+    if scheme == "sqlite":
+        _require(
+            uri.startswith(SQLITE_PREFIX) and len(uri) > len(SQLITE_PREFIX),
+            "tracking.uri",
+            uri,
+            "a SQLite store is written sqlite:///PATH (e.g. sqlite:///mlflow.db)",
+        )
+    if scheme in ("http", "https"):
+        _require(
+            len(uri.split("://", 1)[1].strip("/")) > 0,
+            "tracking.uri",
+            uri,
+            "names no tracking server host",
+        )
+    _require_nonempty(tc, "tracking", ("experiment",))
 
 
 SQLITE_PREFIX = "sqlite:///"
@@ -366,16 +467,31 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:
     """``{"attn.l": 32, ...}``: the config as flat MLflow params (lists as strings)."""
+    flat = flatten_keys(OmegaConf.to_container(cfg, resolve=True))
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}
+
+
+def _is_not_mapping(value: Any) -> bool:
+    return not isinstance(value, Mapping)
+
+
+def flatten_keys(
+    value: Mapping[str, Any],
+    is_leaf: Callable[[Any], bool] = _is_not_mapping,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Dotted keys of a nested mapping: ``{attn: {l: x}}`` and ``{attn.l: x}`` both give
+    ``{"attn.l": x}``. ``is_leaf`` says which values end a key (default: all but mappings).
+
+    The one config flattener: the MLflow params and the sweep specs both use it.
+    """
     out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
+    for key, raw in value.items():
+        full = f"{prefix}{key}"
+        if is_leaf(raw):
+            out[full] = raw
         else:
-            out[prefix] = ",".join(map(str, node)) if isinstance(node, list) else node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+            out.update(flatten_keys(raw, is_leaf, f"{full}."))
     return out
 
 

@@ -6,16 +6,15 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig
 
-from nsa_lab.config import ConfigError
 from nsa_lab.evaluation.needle import make_grid, run_needle_eval
 
 
 def needle_eval_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The callbacks ``train(cfg, callbacks=...)`` needs for ``train.eval_needle``: none
-    when it is off. Raises ConfigError (before any work) for a run that cannot evaluate."""
+    when it is off."""
     if not cfg.train.eval_needle:
         return []
-    return [NeedleEvalCallback(cfg.train.strategy)]
+    return [NeedleEvalCallback()]
 
 
 class NeedleEvalCallback(L.Callback):
@@ -25,17 +24,8 @@ class NeedleEvalCallback(L.Callback):
     haystack is the data module's validation text, and results go into the run
     being trained (metrics at the final step, artifacts under ``needle/``). Only
     global rank 0 evaluates; the other ranks have nothing to log. Under FSDP no
-    rank holds all the weights, so the run is refused before training starts.
+    rank holds all the weights, so the config refuses the pair (``train.eval_needle``).
     """
-
-    def __init__(self, strategy: str) -> None:
-        if strategy == "fsdp":
-            raise ConfigError(
-                "train.eval_needle",
-                True,
-                "needs the full model on one rank, which FSDP shards; "
-                "evaluate the checkpoint with `nsa-lab eval needle` instead",
-            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -89,7 +89,7 @@ def checkpoint_of_run(run_id: str, tracking_uri: str) -> Path:
 
 def _read_checkpoint(path: Path, key: str) -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn or foreign file: say which and why
         raise ConfigError(key, str(path), f"cannot be read as a checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from nsa_lab.files import write_atomic
 from nsa_lab.training.efficiency import GIB, device_peak_flops, model_flops_utilization
 
 PEAK_MEM_METRIC = "train/peak_mem_gib"
@@ -161,7 +162,21 @@ class CheckpointOnCrash(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full: resumable
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, closed when training raises: Lightning leaves it open then, and
+    the interpreter closes it at exit, printing a stale ``Epoch 0: 33%|...`` line after
+    whatever the process printed last (pytest's summary, say)."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        for name in ("_train_progress_bar", "_val_progress_bar"):
+            bar = getattr(self, name, None)
+            if bar is not None:
+                bar.close()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -170,7 +185,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        save = super().save_checkpoint  # zero-argument super() does not work in a lambda
+        write_atomic(Path(path), lambda tmp: save(checkpoint, tmp, storage_options))

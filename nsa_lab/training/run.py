@@ -10,12 +10,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from nsa_lab.config import ConfigError
+from nsa_lab.config import RESUME_FRESH, RESUME_LATEST, ConfigError, parse_devices
 from nsa_lab.data import NSADataModule, cache_dir_for
 from nsa_lab.models.flops import training_flops_per_token
 from nsa_lab.tracking.mlflow_run import (
@@ -29,6 +29,7 @@ from nsa_lab.training.callbacks import (
     AtomicCheckpointIO,
     CheckpointOnCrash,
     PeakMemory,
+    ProgressBar,
     RunIdInCheckpoint,
     TokenThroughput,
 )
@@ -98,10 +99,14 @@ def train(
         trainer.callbacks.append(RunIdInCheckpoint(run_id))
     ok = False
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_path)
+        # Checkpoints hold tensors, plain containers and strings only (the config as a
+        # plain dict), so resuming never unpickles arbitrary objects.
+        trainer.fit(module, datamodule=data, ckpt_path=resume_path, weights_only=True)
         if trainer.global_step % cfg.train.val_every != 0:
             trainer.validate(module, datamodule=data, verbose=False)
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        # A full checkpoint (optimizer, loops, callbacks), for train.resume; saying so
+        # spares Lightning's "weights_only was not set" note.
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
         ok = True
     finally:
         if trainer.is_global_zero:
@@ -125,13 +130,17 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     """
     resume = str(cfg.train.resume)
     root = Path(cfg.train.ckpt_dir)
-    if resume.lower() in ("false", "no", "0", ""):
+    if resume.lower() in RESUME_FRESH:
         if cfg.tracking.run_name is None:
             cfg.tracking.run_name = f"{cfg.attn.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return None
-    if resume.lower() in ("true", "yes", "1"):
+    if resume.lower() in RESUME_LATEST:
         pattern = f"{cfg.tracking.run_name}/*.ckpt" if cfg.tracking.run_name else "*/*.ckpt"
-        found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+        # Hidden files are checkpoints being written (see nsa_lab.files.write_atomic).
+        found = sorted(
+            (p for p in root.glob(pattern) if not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+        )
         if not found:
             raise ConfigError(
                 "train.resume", cfg.train.resume, f"no checkpoint matches {root / pattern}"
@@ -150,7 +159,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
 def _run_id_in(ckpt_path: str | None) -> str | None:
     if ckpt_path is None:
         return None
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True).get("mlflow_run_id")
 
 
 def _make_trainer(
@@ -167,7 +176,7 @@ def _make_trainer(
         max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate,
         accelerator=t.accelerator,
-        devices=_devices(t.devices),
+        devices=parse_devices(t.devices),
         num_nodes=t.num_nodes,
         strategy=_strategy(t.strategy),
         precision=resolve_precision(t.precision, t.accelerator),
@@ -187,7 +196,7 @@ def _make_trainer(
             CheckpointOnCrash(ckpt_dir / "on_exception.ckpt"),
             # Refreshing on log steps only: every refresh reads the logged loss off the
             # GPU, which would make each step wait for the GPU to drain.
-            TQDMProgressBar(refresh_rate=t.log_every),
+            ProgressBar(refresh_rate=t.log_every),
             TokenThroughput(t.log_every, flops_per_token),
             PeakMemory(t.log_every),
             *extra_callbacks,
@@ -203,10 +212,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if gpu and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
-
-
-def _devices(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
 
 
 def _strategy(name: str) -> str | FSDPStrategy:
