@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "args", nargs="*", metavar="CONFIG.yaml|key=value", help=CONFIG_ARGS_HELP
             )
-        p.set_defaults(func=func)
+        # Where config arguments found among the options go (see parse_args).
+        p.set_defaults(func=func, config_dest="args" if config else None)
         return p
 
     add(
@@ -430,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides for every trial"
     )
+    sweep.set_defaults(config_dest="overrides")
     sweep.add_argument(
         "--trials", type=int, help="total trials the study should hold (default: the spec's)"
     )
@@ -453,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         config=False,
     )
     report.add_argument("target", metavar="EXPERIMENT|PARENT_RUN_ID", help="what to compare")
+    report.set_defaults(config_dest="args")
     report.add_argument(
         "args",
         nargs="*",
@@ -469,9 +472,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Options and positional config arguments in any order.
+
+    argparse stops filling a subcommand's ``nargs="*"`` positional at its first option
+    (``sweep SPEC --trials 4 a=b`` would call ``a=b`` unrecognized), and its intermixed
+    parsing does not work with subparsers; so what is left over joins the command's
+    config arguments (``key=value`` overrides, or for commands that take them, YAML
+    files), and anything else, an unknown option say, is an error.
+    """
+    ns, leftover = parser.parse_known_args(argv)
+    dest = getattr(ns, "config_dest", None)
+    takes_files = dest == "args"
+    for item in leftover:
+        if dest is None or item.startswith("-") or not ("=" in item or takes_files):
+            parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+        getattr(ns, dest).append(item)
+    return ns
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(parser, argv)
     try:
         return ns.func(ns)
     except ConfigError as exc:
