@@ -17,7 +17,6 @@ what they logged up to N is as valid as a finished run's.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from nsa_lab.config import ConfigError
+from nsa_lab.files import write_atomic
 from nsa_lab.models.flops import AttnShape, attended_tokens_per_query
 from nsa_lab.tracking.mlflow_run import RUN_ID
 from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
@@ -361,6 +361,4 @@ def _report_run(client: MlflowClient, experiment_id: str) -> str:
 def _copy_atomically(folder: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for src in folder.iterdir():
-        tmp = out / f".{src.name}.tmp"
-        tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, out / src.name)
+        write_atomic(out / src.name, lambda tmp, src=src: tmp.write_bytes(src.read_bytes()))

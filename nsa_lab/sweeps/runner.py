@@ -2,7 +2,7 @@
 
 With ``workers: 1`` trials run in this process. With K > 1, or with ``--gpus``, this
 process coordinates K spawned worker processes that share the study through its RDB
-storage; each worker claims trials until the budget is met (see
+storage; each runs ``study.optimize`` one trial at a time until the budget is met (see
 :mod:`nsa_lab.sweeps.study`). With ``--gpus`` each worker starts pinned to one GPU
 (:mod:`nsa_lab.sweeps.gpus`). Signals:
 Ctrl-C reaches every process of the terminal's group; SIGTERM (``timeout``, a batch
@@ -14,6 +14,7 @@ finished trials are never repeated.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -24,24 +25,27 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from nsa_lab.config import ConfigError
 from nsa_lab.sweeps.plan import SweepPlan, plan_sweep
 from nsa_lab.sweeps.spec import SweepSpec
 from nsa_lab.sweeps.study import (
-    claim_lock,
-    claim_trial,
     default_storage,
+    enqueue_grid,
+    fail_dead_trials,
+    lost_trial_handler,
     make_storage,
+    next_step,
     open_study,
-    reap_dead_trials,
     tally,
 )
 from nsa_lab.sweeps.tracking import SweepTracker
-from nsa_lab.sweeps.trial import run_trial
+from nsa_lab.sweeps.trial import TrialFailed, run_trial
 
 MAX_REJECTED_IN_A_ROW = 200  # a sampler stuck in invalid regions stops the worker
 WORKER_GRACE_S = 60  # how long interrupted workers get to mark their trials failed
+POLL_S = 2.0  # how often a worker with nothing to run looks for dead trials to redo
 EXIT_CONFIG = 2
 
 
@@ -57,14 +61,13 @@ class SweepResult:
 
 def run_sweep(spec: SweepSpec) -> SweepResult:
     """Run (or resume) the sweep to its budget; ConfigError before anything exists."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our own line per trial says its outcome; Optuna's warnings would repeat failures.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     plan = plan_sweep(spec)
     storage_url = spec.storage or default_storage(plan.tracking_uri)
     tracker = SweepTracker(plan.tracking_uri, spec.experiment)
-    storage = make_storage(storage_url, on_stale=tracker.mark_lost)
-    study = open_study(spec, storage, create=True)
-    with claim_lock(storage_url, spec.study_name):
-        reap_dead_trials(study, storage, tracker.mark_lost)
+    study = open_study(spec, make_storage(storage_url), create=True)
+    enqueue_grid(study, plan)
     parent_id = tracker.parent_run(study, plan)
     _announce(plan, storage_url, study)
     try:
@@ -92,14 +95,24 @@ def _announce(plan: SweepPlan, storage_url: str, study: optuna.Study) -> None:
 
 
 def work(plan: SweepPlan, storage_url: str, worker: int, parent_id: str) -> None:
-    """Claim and run trials until the study's budget is met."""
+    """Run trials until the study's budget is met, waiting while a running trial (maybe
+    of a dead worker, then redone here once Optuna's heartbeat says so) could still fail."""
     tracker = SweepTracker(plan.tracking_uri, plan.spec.experiment)
-    storage = make_storage(storage_url, on_stale=tracker.mark_lost)
+    storage = make_storage(storage_url, on_stale=lost_trial_handler(tracker.mark_lost))
     study = open_study(plan.spec, storage, worker)
+    objective = functools.partial(
+        run_trial, study=study, plan=plan, tracker=tracker, parent_id=parent_id
+    )
     rejected = 0
-    while (trial := claim_trial(study, storage, plan, storage_url, tracker.mark_lost)) is not None:
-        outcome = run_trial(study, trial, plan, storage, tracker, parent_id)
-        rejected = rejected + 1 if outcome == "rejected" else 0
+    while (step := next_step(study.get_trials(deepcopy=False), plan)) != "done":
+        if step == "wait":
+            time.sleep(POLL_S)
+            fail_dead_trials(study)
+            continue
+        ended: list[FrozenTrial] = []  # the trial just run, as Optuna's callback sees it
+        keep = [lambda _, trial, ended=ended: ended.append(trial)]
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=keep)
+        rejected = rejected + 1 if ended[0].user_attrs.get("outcome") == "rejected" else 0
         if rejected >= MAX_REJECTED_IN_A_ROW:
             raise ConfigError(
                 "constraints",
@@ -201,6 +214,7 @@ def _worker_main(
     """Entry point of a spawned worker process."""
     _exit_with(coordinator)
     _share_cpu_threads(plan.spec.workers)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with SigtermAsInterrupt():
             work(plan, storage_url, worker, parent_id)

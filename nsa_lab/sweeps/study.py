@@ -1,40 +1,36 @@
-"""The Optuna study behind a sweep: storage, resume, the trial budget, claiming trials.
+"""The Optuna study behind a sweep: storage, resume, the trial budget, grid points.
 
 Bookkeeping lives in the study itself, so any process (a local worker, another machine
 on the same PostgreSQL URL) sees the same state:
 
 - every trial gets a user attr ``outcome`` when it ends: ``complete``, ``pruned``
   (by the pruner), ``crashed``, ``nan``, ``no_metric`` (these count toward the budget),
-  ``rejected`` (its config broke a constraint, never trained) or ``interrupted``
-  (Ctrl-C/SIGTERM). A FAIL trial without an outcome was killed: its worker died.
-  Rejected, interrupted and killed trials do not count, so re-running redoes them.
+  ``rejected`` (its config broke a constraint, never trained), ``surplus`` (claimed once
+  the budget was full, never trained) or ``interrupted`` (Ctrl-C/SIGTERM). A FAIL trial
+  without an outcome was killed: its worker died. Only counted trials use the budget.
 - ``--trials N`` is the total the study should hold, not "N more": re-running the same
   command after a kill resumes where it stopped and never repeats a finished trial.
-- Claiming (budget check + ``ask``) happens under a file lock, so local workers never
-  overshoot; machines sharing a database can overshoot by at most one trial each at
-  the very end, as with Optuna's own distributed mode.
-- Dead workers: a trial RUNNING on this host whose worker process is gone is failed at
-  once; trials of other hosts are failed by Optuna's heartbeat once stale.
+- A grid is enqueued up front (Optuna's WAITING queue hands each point to one worker);
+  points whose trial was interrupted are enqueued again on the next run. Two commands
+  started on one study at the same instant may both enqueue a missing point; the
+  budget check then leaves the second copy untrained (``surplus``).
+- Dead workers: Optuna's heartbeat (``RDBStorage``) fails a trial whose worker went
+  silent for ``GRACE_S``; :func:`lost_trial_handler` ends its MLflow run and
+  ``RetryHeartbeatStaleTrialCallback`` queues its parameters again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
-import os
-import socket
-import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from nsa_lab.config import SQLITE_PREFIX, ConfigError, sqlite_path
@@ -43,12 +39,14 @@ from nsa_lab.sweeps.space import Scalar
 from nsa_lab.sweeps.spec import SweepSpec
 
 COUNTED = ("complete", "pruned", "crashed", "nan", "no_metric")
-HEARTBEAT_S = 10  # how often a running trial says it is alive
-GRACE_S = 60  # silence after which another machine's trial counts as dead
+NEVER_TRAINED = ("rejected", "surplus")
+HEARTBEAT_S = 5  # how often Optuna records that a running trial is alive
+GRACE_S = 30  # silence after which a trial counts as dead (and is retried)
 SQLITE_TIMEOUT_S = 60  # wait this long for a busy SQLite file (several local workers)
 STORAGE_OPEN_ATTEMPTS = 5  # opening a new database races with other processes creating it
 FINGERPRINT_ATTR = "spec_fingerprint"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+GRID_ATTR = "grid_point"
 
 StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -61,36 +59,54 @@ def default_storage(tracking_uri: str) -> str:
 
 
 def make_storage(url: str, on_stale: StaleCallback | None = None) -> RDBStorage:
-    """The study's storage, created (schema included) if it does not exist yet.
+    """The study's storage with heartbeats, created (schema included) if it is new.
 
-    Processes that open a new database at the same moment (workers on several GPUs or
-    machines started together, or a monitor polling the file) race to write its schema
+    Processes that open a new database at the same moment race to write its schema
     version; the loser gets an integrity error although the schema is then complete, so
     it simply opens the database again.
     """
-    engine_kwargs = (
-        {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-        if url.startswith("sqlite")
-        else {"pool_pre_ping": True}
-    )
     for attempt in range(1, STORAGE_OPEN_ATTEMPTS):
         try:
-            return _rdb_storage(url, engine_kwargs, on_stale)
+            return _rdb_storage(url, on_stale)
         except sqlalchemy.exc.IntegrityError:
             time.sleep(0.2 * attempt)
-    return _rdb_storage(url, engine_kwargs, on_stale)
+    return _rdb_storage(url, on_stale)
 
 
-def _rdb_storage(url: str, engine_kwargs: dict, on_stale: StaleCallback | None) -> RDBStorage:
+def _rdb_storage(url: str, on_stale: StaleCallback | None) -> RDBStorage:
+    sqlite = url.startswith("sqlite")
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", ExperimentalWarning)
         return RDBStorage(
             url,
-            engine_kwargs=engine_kwargs,
+            engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+            if sqlite
+            else {"pool_pre_ping": True},
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=on_stale,
         )
+
+
+def lost_trial_handler(on_lost: StaleCallback) -> StaleCallback:
+    """Called once per trial Optuna found dead: ``on_lost`` (its MLflow run), then a retry
+    with the same parameters (a grid point is thereby never dropped)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback()
+
+    def handle(study: optuna.Study, trial: FrozenTrial) -> None:
+        on_lost(study, trial)
+        retry(study, trial)
+
+    return handle
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Optuna's stale-trial check (``optimize`` runs it before each trial too)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def open_study(
@@ -127,132 +143,60 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
 
 
 def tally(trials: Sequence[FrozenTrial]) -> dict[str, int]:
-    """How many trials count, are running, wait to run, were rejected or died."""
+    """How many trials count, are running, wait to run, were never trained or died."""
     out = {"counted": 0, "running": 0, "waiting": 0, "rejected": 0, "lost": 0}
     for t in trials:
-        outcome = t.user_attrs.get("outcome")
         if counts_toward_budget(t):
             out["counted"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
-        elif t.state == TrialState.WAITING:
-            out["waiting"] += 1
-        elif outcome == "rejected":
+        elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+            out[t.state.name.lower()] += 1
+        elif t.user_attrs.get("outcome") in NEVER_TRAINED:
             out["rejected"] += 1
         else:
-            out["lost"] += 1  # killed or interrupted: redone on resume
+            out["lost"] += 1  # killed or interrupted: redone
     return out
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def reap_dead_trials(study: optuna.Study, storage: RDBStorage, on_lost: StaleCallback) -> None:
-    """Fail the RUNNING trials whose worker is gone: this host's at once (its process no
-    longer exists), other hosts' through Optuna's heartbeat (which calls ``on_lost`` too)."""
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = str(t.user_attrs.get("worker", ""))
-        name, _, pid = owner.rpartition(":")
-        if name == host and pid.isdigit() and not _process_alive(int(pid)):
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-                on_lost(study, t)
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and still the API
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        fail_stale_trials(study)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):  # a zombie (dead, not yet reaped) is dead
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-@contextlib.contextmanager
-def claim_lock(storage_url: str, study_name: str) -> Iterator[None]:
-    """An exclusive lock shared by this machine's workers (released if a holder dies)."""
-    db = sqlite_path(storage_url)
-    if db is not None:
-        path = Path(f"{db}.{study_name}.lock")
-    else:
-        digest = hashlib.sha256(f"{storage_url} {study_name}".encode()).hexdigest()[:16]
-        path = Path(tempfile.gettempdir()) / f"nsa-lab-sweep-{digest}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def claim_trial(
-    study: optuna.Study,
-    storage: RDBStorage,
-    plan: SweepPlan,
-    storage_url: str,
-    on_lost: StaleCallback,
-) -> optuna.Trial | None:
-    """The next trial to run, or None once the budget (or the grid) is used up."""
-    with claim_lock(storage_url, plan.spec.study_name):
-        reap_dead_trials(study, storage, on_lost)
-        trials = study.get_trials(deepcopy=False)
-        counts = tally(trials)
-        if counts["counted"] + counts["running"] >= plan.n_trials:
-            return None
-        if plan.grid_points is not None and counts["waiting"] == 0:
-            point = next_grid_point(plan.grid_points, trials)
-            if point is None:
-                return None
-            study.enqueue_trial(point, user_attrs={"grid_point": grid_key(point)})
-        with warnings.catch_warnings():  # ask/tell with heartbeats: ours is `Heartbeat`
-            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            trial = study.ask()
-        trial.set_user_attr("worker", worker_id())
-        storage.record_heartbeat(trial._trial_id)
-        return trial
 
 
 def grid_key(point: dict[str, Scalar]) -> str:
     return json.dumps(point, sort_keys=True)
 
 
-def next_grid_point(
-    points: Sequence[dict[str, Scalar]], trials: Sequence[FrozenTrial]
-) -> dict[str, Scalar] | None:
-    """The first valid grid point without a finished-and-counted, running or waiting trial."""
-    taken = {
-        t.user_attrs.get("grid_point")
-        for t in trials
-        if counts_toward_budget(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)
-    }
-    return next((p for p in points if grid_key(p) not in taken), None)
+def enqueue_grid(study: optuna.Study, plan: SweepPlan) -> None:
+    """Queue the grid points the budget still needs, in spec order: those without a
+    counted, running or waiting trial (a first run queues them all)."""
+    holding = [t for t in study.get_trials(deepcopy=False) if _holds_point(t)]
+    taken = {t.user_attrs.get(GRID_ATTR) for t in holding}
+    missing = [p for p in plan.grid_points or () if grid_key(p) not in taken]
+    for point in missing[: max(0, plan.n_trials - len(holding))]:
+        study.enqueue_trial(point, user_attrs={GRID_ATTR: grid_key(point)})
 
 
-class Heartbeat:
-    """Records the trial's heartbeat in a thread while the trial trains."""
+def _holds_point(trial: FrozenTrial) -> bool:
+    return counts_toward_budget(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
 
-    def __init__(self, storage: RDBStorage, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
 
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            self._storage.record_heartbeat(self._trial_id)
+def next_step(trials: Sequence[FrozenTrial], plan: SweepPlan) -> str:
+    """``run`` another trial, ``wait`` (a running one may die and need redoing) or ``done``.
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
+    A grid runs only queued points; other samplers also draw new ones.
+    """
+    counts = tally(trials)
+    if counts["counted"] >= plan.n_trials:
+        return "done"
+    room = counts["counted"] + counts["running"] < plan.n_trials
+    if room and (counts["waiting"] or plan.grid_points is None):
+        return "run"
+    return "wait" if counts["running"] else "done"
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+
+def over_budget(trials: Sequence[FrozenTrial], number: int, plan: SweepPlan) -> bool:
+    """Whether trial ``number``, just claimed, is one too many: workers check the budget
+    and claim without a lock, so two may claim the last place; the later claim (by start
+    time, then number, the same order for every process) gives way."""
+
+    def claimed(t: FrozenTrial) -> tuple:
+        return (t.datetime_start, t.number)
+
+    mine = claimed(next(t for t in trials if t.number == number))
+    running = [t for t in trials if t.state == TrialState.RUNNING and claimed(t) < mine]
+    return sum(map(counts_toward_budget, trials)) + len(running) >= plan.n_trials

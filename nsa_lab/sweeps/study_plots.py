@@ -9,7 +9,6 @@ finished trial, a single parameter value, ...) is skipped and the reason written
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import optuna  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
 
+from nsa_lab.files import write_atomic  # noqa: E402
 from nsa_lab.sweeps.spec import SweepSpec  # noqa: E402
 
 
@@ -72,13 +72,9 @@ def _save(axes: Any, path: Path) -> None:
     fig = first.figure
     fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def _write_trials_csv(study: optuna.Study, path: Path) -> None:
     frame = study.trials_dataframe(multi_index=False)
-    tmp = path.with_suffix(".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))

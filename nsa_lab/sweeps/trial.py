@@ -1,38 +1,42 @@
-"""One trial: sample, check the constraints, train as a child run, score, tell Optuna.
+"""One trial, as the objective of ``study.optimize``: check, train as a child run, score.
 
-A trial whose config breaks a rule is told PRUNED with outcome ``rejected`` and the
-rule as its ``reason``, and is never trained. A trained trial ends as ``complete``,
-``pruned`` (the pruner stopped it on validation loss), ``nan`` (a NaN/inf validation
-loss, which also stops training at once), ``crashed`` (any exception) or ``no_metric``;
-the last three are FAIL with the reason kept as a user attr and a tag on the child run.
+A trial claimed once the budget was full ends FAIL as ``surplus`` and a config that
+breaks a rule ends PRUNED as ``rejected`` (PRUNED steers TPE away from it), both
+untrained. A trained trial ends ``complete``, ``pruned`` (the pruner stopped it on
+validation loss), ``nan`` (a NaN/inf validation loss, which also stops training at
+once), ``crashed`` (any exception) or ``no_metric``; the last three are FAIL. Outcome and
+reason are user attrs of the trial and tags of its child run; Optuna tells the state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
+import socket
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import optuna
 from omegaconf import DictConfig
-from optuna.storages import RDBStorage
-from optuna.trial import TrialState
 
 from nsa_lab.config import ConfigError
-from nsa_lab.sweeps.cost import config_attended_tokens
+from nsa_lab.models.flops import config_attended_tokens
 from nsa_lab.sweeps.plan import SweepPlan, trial_config
 from nsa_lab.sweeps.space import suggest
 from nsa_lab.sweeps.spec import PRUNED_METRIC, SweepSpec
-from nsa_lab.sweeps.study import Heartbeat
+from nsa_lab.sweeps.study import GRID_ATTR, over_budget
 from nsa_lab.sweeps.tracking import SweepTracker
 
 COST_METRIC = "cost/attended_tokens_per_query"
-_STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
-_STATES["rejected"] = TrialState.PRUNED  # never trained; PRUNED steers TPE away from it
+
+
+class TrialFailed(Exception):
+    """Ends a trial FAIL whose outcome is already recorded (``optimize`` catches it)."""
 
 
 class TrialReporter(L.Callback):
@@ -41,11 +45,13 @@ class TrialReporter(L.Callback):
 
     def __init__(self, trial: optuna.Trial, prune: bool) -> None:
         self.trial, self.prune = trial, prune
+        self.run_id: str | None = None  # a retried trial still carries its original's
         self.stopped: tuple[str, int, float] | None = None  # (why, step, val loss)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and trainer.logger is not None:
-            self.trial.set_user_attr("mlflow_run_id", trainer.logger.run_id)
+            self.run_id = trainer.logger.run_id
+            self.trial.set_user_attr("mlflow_run_id", self.run_id)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = trainer.callback_metrics.get(PRUNED_METRIC)
@@ -76,34 +82,36 @@ def prepare_trial_config(cfg: DictConfig, spec: SweepSpec, number: int) -> None:
 
 
 def run_trial(
-    study: optuna.Study,
     trial: optuna.Trial,
+    study: optuna.Study,
     plan: SweepPlan,
-    storage: RDBStorage,
     tracker: SweepTracker,
     parent_id: str,
-) -> str:
-    """Run one claimed trial to its end; returns its outcome."""
+) -> list[float]:
+    """The objective: the trial's objective values, or TrialPruned / TrialFailed."""
     spec = plan.spec
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    unqueued = plan.grid_points is not None and GRID_ATTR not in trial.user_attrs
+    if unqueued or over_budget(study.get_trials(deepcopy=False), trial.number, plan):
+        _end(trial, {}, "surplus", "claimed once the budget was full; never trained")
     params = suggest(trial, spec.space)
     try:
         cfg = trial_config(spec, params)
     except ConfigError as exc:
-        return _end(study, trial, params, "rejected", str(exc))
+        _end(trial, params, "rejected", str(exc))
     prepare_trial_config(cfg, spec, trial.number)
     reporter = TrialReporter(trial, prune=spec.pruner["type"] != "none")
     from nsa_lab.training.run import train  # heavy: only once a trial really trains
 
     try:
-        with Heartbeat(storage, trial._trial_id):
-            result = train(
-                cfg, callbacks=[reporter], tags=tracker.child_tags(spec, parent_id, trial.number)
-            )
-    except (KeyboardInterrupt, SystemExit):
+        result = train(
+            cfg, callbacks=[reporter], tags=tracker.child_tags(spec, parent_id, trial.number)
+        )
+    except (KeyboardInterrupt, SystemExit) as exc:
         reason = "interrupted (Ctrl-C or SIGTERM); redone on the next run"
-        _tag_run(trial, tracker, "interrupted", reason, {})
-        _end(study, trial, params, "interrupted", reason)
-        raise
+        _tag_run(reporter, tracker, "interrupted", reason, {})
+        _record(trial, params, "interrupted", reason)
+        raise KeyboardInterrupt from exc  # Optuna fails the trial on it, then re-raises
     except Exception as exc:
         traceback.print_exc()
         outcome, reason, values = "crashed", f"{type(exc).__name__}: {exc}", None
@@ -112,17 +120,19 @@ def run_trial(
     finally:
         if not spec.keep_checkpoints:
             _remove_checkpoints(Path(cfg.train.ckpt_dir), cfg.tracking.run_name)
-    _tag_run(trial, tracker, outcome, reason, {COST_METRIC: config_attended_tokens(cfg)})
-    return _end(study, trial, params, outcome, reason, values)
+    _tag_run(reporter, tracker, outcome, reason, {COST_METRIC: config_attended_tokens(cfg)})
+    if values is None:
+        _end(trial, params, outcome, reason)
+    _record(trial, params, outcome, reason, values)
+    return values
 
 
 def _tag_run(
-    trial: optuna.Trial, tracker: SweepTracker, outcome: str, reason: str, metrics: dict
+    reporter: TrialReporter, tracker: SweepTracker, outcome: str, reason: str, metrics: dict
 ) -> None:
     """Outcome, reason and extra metrics on the trial's child run, if training created one."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id is not None:
-        tracker.trial_ended(run_id, outcome, reason, metrics)
+    if reporter.run_id is not None:
+        tracker.trial_ended(reporter.run_id, outcome, reason, metrics)
 
 
 def _remove_checkpoints(study_dir: Path, run_name: str) -> None:
@@ -157,20 +167,26 @@ def _score(
     return "complete", "", values
 
 
-def _end(
-    study: optuna.Study,
+def _record(
     trial: optuna.Trial,
     params: dict,
     outcome: str,
     reason: str,
     values: Sequence[float] | None = None,
-) -> str:
+) -> None:
+    """Outcome and reason as user attrs, and one line on stdout."""
     trial.set_user_attr("outcome", outcome)
     if reason:
         trial.set_user_attr("reason", reason)
-    state = _STATES.get(outcome, TrialState.FAIL)
-    study.tell(trial, list(values) if state == TrialState.COMPLETE else None, state=state)
     shown = " ".join(f"{k}={v}" for k, v in params.items())
     result = ", ".join(f"{v:.4g}" for v in values) if values else reason
     print(f"sweep: trial {trial.number} {outcome} [{shown}] {result}", flush=True)
-    return outcome
+
+
+def _end(trial: optuna.Trial, params: dict, outcome: str, reason: str) -> NoReturn:
+    """Record an outcome without values and end the trial: PRUNED for the pruner and for
+    rejected configs, FAIL for the rest."""
+    _record(trial, params, outcome, reason)
+    if outcome in ("pruned", "rejected"):
+        raise optuna.TrialPruned(reason)
+    raise TrialFailed(f"{outcome}: {reason}")
