@@ -12,7 +12,7 @@ from nsa_lab.kernels.nsa.naive import (
     reference_selection_attention,
     reference_window_attention,
 )
-from nsa_lab.sweeps.cost import AttnShape, attended_tokens_per_query, config_attended_tokens
+from nsa_lab.models.flops import AttnShape, attended_tokens_per_query, config_attended_tokens
 from tests.conftest import SMOKE
 
 VARIANTS = ["full", "window", "topk", "nsa", "nsa_no_cmp", "nsa_no_slc", "nsa_no_win"]

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from nsa_lab.sweeps.plan import plan_sweep
 from nsa_lab.sweeps.spec import load_spec
-from nsa_lab.sweeps.study import enqueue_grid, next_step, over_budget, tally
+from nsa_lab.sweeps.study import claim_conflict, enqueue_grid, next_step, tally
 from tests.test_sweep_spec import write_spec
 
 
@@ -44,11 +44,11 @@ def test_budget_counts_running_claims_and_the_later_claim_gives_way(tmp_path):
     assert next_step(study.trials, plan) == "run"
     a, b = study.ask(), study.ask()
     assert next_step(study.trials, plan) == "wait"  # both places taken, none counted yet
-    assert not over_budget(study.trials, a.number, plan)
-    assert not over_budget(study.trials, b.number, plan)
+    assert claim_conflict(study.trials, a.number, plan) is None
+    assert claim_conflict(study.trials, b.number, plan) is None
     study.enqueue_trial({"train.seed": 2}, user_attrs={"grid_point": "again"})
     c = study.ask()  # a third claim, racing the first two
-    assert over_budget(study.trials, c.number, plan)
+    assert claim_conflict(study.trials, c.number, plan) == "claimed once the budget was full"
     for trial in (a, b):
         trial.set_user_attr("outcome", "complete")
         study.tell(trial, 1.0)
@@ -62,3 +62,20 @@ def test_budget_counts_running_claims_and_the_later_claim_gives_way(tmp_path):
         "rejected": 1,
         "lost": 0,
     }
+
+
+def test_a_grid_point_queued_twice_trains_once(tmp_path):
+    """Two commands started at once may both queue a point; its later claim gives way."""
+    plan, study = grid_plan(tmp_path), optuna.create_study()
+    enqueue_grid(study, plan)
+    study.enqueue_trial({"train.seed": 0}, user_attrs={"grid_point": '{"train.seed": 0}'})
+    first, *others = [study.ask() for _ in range(3)]
+    for trial in others:  # interrupted: they hold neither a place nor a point
+        study.tell(trial, state=TrialState.FAIL)
+    copy = study.ask()
+    assert claim_conflict(study.trials, first.number, plan) is None
+    assert "grid point was claimed by another trial first" in claim_conflict(
+        study.trials, copy.number, plan
+    )
+    study.enqueue_trial({"train.seed": 1})  # no grid point: drawn past the grid's queue
+    assert "grid queue was empty" in claim_conflict(study.trials, study.ask().number, plan)

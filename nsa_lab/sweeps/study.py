@@ -5,18 +5,20 @@ on the same PostgreSQL URL) sees the same state:
 
 - every trial gets a user attr ``outcome`` when it ends: ``complete``, ``pruned``
   (by the pruner), ``crashed``, ``nan``, ``no_metric`` (these count toward the budget),
-  ``rejected`` (its config broke a constraint, never trained), ``surplus`` (claimed once
-  the budget was full, never trained) or ``interrupted`` (Ctrl-C/SIGTERM). A FAIL trial
+  ``rejected`` (its config broke a constraint, never trained), ``surplus`` (claimed
+  after the budget or its grid point was taken, never trained) or ``interrupted``
+  (Ctrl-C/SIGTERM). A FAIL trial
   without an outcome was killed: its worker died. Only counted trials use the budget.
 - ``--trials N`` is the total the study should hold, not "N more": re-running the same
   command after a kill resumes where it stopped and never repeats a finished trial.
 - A grid is enqueued up front (Optuna's WAITING queue hands each point to one worker);
   points whose trial was interrupted are enqueued again on the next run. Two commands
-  started on one study at the same instant may both enqueue a missing point; the
-  budget check then leaves the second copy untrained (``surplus``).
-- Dead workers: Optuna's heartbeat (``RDBStorage``) fails a trial whose worker went
-  silent for ``GRACE_S``; :func:`lost_trial_handler` ends its MLflow run and
-  ``RetryHeartbeatStaleTrialCallback`` queues its parameters again.
+  started on one study at the same instant may both enqueue a missing point: the later
+  claim of it ends ``surplus`` (:func:`claim_conflict`), so no point trains twice.
+- Dead workers: Optuna's heartbeat (recorded by ``study.optimize`` in ``RDBStorage``)
+  fails a trial whose worker went silent for ``GRACE_S``; :func:`lost_trial_handler`
+  ends its MLflow run and ``RetryHeartbeatStaleTrialCallback`` queues its parameters
+  again, for a worker still running to redo.
 """
 
 from __future__ import annotations
@@ -189,14 +191,26 @@ def next_step(trials: Sequence[FrozenTrial], plan: SweepPlan) -> str:
     return "wait" if counts["running"] else "done"
 
 
-def over_budget(trials: Sequence[FrozenTrial], number: int, plan: SweepPlan) -> bool:
-    """Whether trial ``number``, just claimed, is one too many: workers check the budget
-    and claim without a lock, so two may claim the last place; the later claim (by start
-    time, then number, the same order for every process) gives way."""
+def claim_conflict(trials: Sequence[FrozenTrial], number: int, plan: SweepPlan) -> str | None:
+    """Why trial ``number``, just claimed, must give way; None if it may run.
 
-    def claimed(t: FrozenTrial) -> tuple:
-        return (t.datetime_start, t.number)
+    Workers check the budget and claim without a lock, so two may claim its last place,
+    or two copies of one grid point (queued by two commands started at once); the later
+    claim (by start time, then number: the same order in every process) gives way.
+    """
+    mine = next(t for t in trials if t.number == number)
+    point = mine.user_attrs.get(GRID_ATTR)
+    if plan.grid_points is not None and point is None:
+        return "drawn by the sampler once the grid queue was empty"
+    earlier = [t for t in trials if t.state == TrialState.RUNNING and _claim(t) < _claim(mine)]
+    held = [t for t in trials if counts_toward_budget(t)] + earlier
+    if len(held) >= plan.n_trials:
+        return "claimed once the budget was full"
+    if point is not None and any(t.user_attrs.get(GRID_ATTR) == point for t in held):
+        return "its grid point was claimed by another trial first"
+    return None
 
-    mine = claimed(next(t for t in trials if t.number == number))
-    running = [t for t in trials if t.state == TrialState.RUNNING and claimed(t) < mine]
-    return sum(map(counts_toward_budget, trials)) + len(running) >= plan.n_trials
+
+def _claim(trial: FrozenTrial) -> tuple:
+    """When a trial was claimed: Optuna stamps ``datetime_start`` on leaving the queue."""
+    return (trial.datetime_start, trial.number)

@@ -1,11 +1,12 @@
 """One trial, as the objective of ``study.optimize``: check, train as a child run, score.
 
-A trial claimed once the budget was full ends FAIL as ``surplus`` and a config that
-breaks a rule ends PRUNED as ``rejected`` (PRUNED steers TPE away from it), both
-untrained. A trained trial ends ``complete``, ``pruned`` (the pruner stopped it on
-validation loss), ``nan`` (a NaN/inf validation loss, which also stops training at
-once), ``crashed`` (any exception) or ``no_metric``; the last three are FAIL. Outcome and
-reason are user attrs of the trial and tags of its child run; Optuna tells the state.
+A trial claimed once the budget was full (or its grid point was taken) ends FAIL as
+``surplus``, and a config that breaks a rule ends PRUNED as ``rejected`` (PRUNED steers
+TPE away from it); neither is trained. A trained trial ends ``complete``, ``pruned``
+(the pruner stopped it on validation loss), ``nan`` (a NaN/inf validation loss, which
+also stops training at once), ``crashed`` (any exception) or ``no_metric``; the last
+three are FAIL. Outcome and reason are user attrs of the trial and tags of its child
+run; Optuna tells the state.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from nsa_lab.models.flops import config_attended_tokens
 from nsa_lab.sweeps.plan import SweepPlan, trial_config
 from nsa_lab.sweeps.space import suggest
 from nsa_lab.sweeps.spec import PRUNED_METRIC, SweepSpec
-from nsa_lab.sweeps.study import GRID_ATTR, over_budget
+from nsa_lab.sweeps.study import claim_conflict
 from nsa_lab.sweeps.tracking import SweepTracker
 
 COST_METRIC = "cost/attended_tokens_per_query"
@@ -91,9 +92,9 @@ def run_trial(
     """The objective: the trial's objective values, or TrialPruned / TrialFailed."""
     spec = plan.spec
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    unqueued = plan.grid_points is not None and GRID_ATTR not in trial.user_attrs
-    if unqueued or over_budget(study.get_trials(deepcopy=False), trial.number, plan):
-        _end(trial, {}, "surplus", "claimed once the budget was full; never trained")
+    conflict = claim_conflict(study.get_trials(deepcopy=False), trial.number, plan)
+    if conflict is not None:
+        _end(trial, {}, "surplus", f"{conflict}; never trained")
     params = suggest(trial, spec.space)
     try:
         cfg = trial_config(spec, params)
