@@ -189,7 +189,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from nsa_lab.sweeps.report import write_report
+    from nsa_lab.tracking.report import write_report
 
     cfg = _config_from(ns)
     if ns.step is not None and ns.step < 0:

@@ -3,7 +3,7 @@
 The schema is a tree of dataclasses; OmegaConf merges, in order, the schema's
 defaults, any YAML files and any ``key=value`` overrides, and rejects unknown
 keys and ill-typed values. :func:`validate` then checks the rules that types
-cannot express (the NSA block arithmetic of ``NSA_SPEC.md``, GQA divisibility,
+cannot express (the NSA block arithmetic of ``docs/nsa.md``, GQA divisibility,
 branch names). Every failure raises :class:`ConfigError`, whose message names the
 key, the value and the rule, so that the CLI can exit with code 2 before any
 work starts.
@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class AttnConfig:
-    """Attention variant and NSA hyper-parameters (names as in NSA_SPEC.md)."""
+    """Attention variant and NSA hyper-parameters (names as in docs/nsa.md)."""
 
     name: str = "nsa"
     l: int = 32  # compression block length

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from nsa_lab.config import ConfigError, load_config
 from nsa_lab.models.flops import AttnShape, attended_tokens_per_query, training_flops_per_token
 from nsa_lab.models.transformer import GQATransformer
-from nsa_lab.sweeps import cost
 from nsa_lab.training import callbacks as callbacks_lib
 from nsa_lab.training.callbacks import TokenThroughput
 from nsa_lab.training.efficiency import (
@@ -60,10 +59,6 @@ def test_flops_per_token_of_nsa_by_hand():
     keys = attended_tokens_per_query(AttnShape.from_config(cfg.attn), 64)
     expected = 6 * weights + 2 * 2 * 3 * 2 * 4 * 16 * keys
     assert training_flops_per_token(model, cfg.attn, 64) == pytest.approx(expected, rel=1e-12)
-
-
-def test_sweeps_count_attended_tokens_from_the_models_home():
-    assert cost.attended_tokens_per_query is attended_tokens_per_query
 
 
 def test_peak_flops_by_gpu_name():

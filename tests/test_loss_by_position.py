@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from nsa_lab.config import load_config
-from nsa_lab.training.loss_by_position import (
+from nsa_lab.tracking.loss_by_position import (
     PositionBucket,
     bucket_means,
     logged_losses_by_position,

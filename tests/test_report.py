@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 
 from nsa_lab.cli import main
 from nsa_lab.config import load_config
-from nsa_lab.sweeps.cost import config_attended_tokens
-from nsa_lab.sweeps.report import PLOT_NAME, POSITION_PLOT_NAME
-from nsa_lab.training.loss_by_position import position_buckets
+from nsa_lab.models.flops import config_attended_tokens
+from nsa_lab.tracking.loss_by_position import position_buckets
+from nsa_lab.tracking.report import PLOT_NAME, POSITION_PLOT_NAME
 from tests.conftest import SMOKE
 from tests.test_sweep_e2e import (
     TINY,

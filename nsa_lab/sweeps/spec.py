@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +37,7 @@ import optuna
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nsa_lab.config import ConfigError, flatten, load_config
+from nsa_lab.config import ConfigError, flatten, flatten_keys, load_config
 from nsa_lab.sweeps.constraints import Constraint, context_rules, parse_constraint
 from nsa_lab.sweeps.gpus import parse_gpus, visible_gpus
 from nsa_lab.sweeps.space import ParamSpec, as_override, parse_param
@@ -324,20 +324,6 @@ def _space(value: Any) -> tuple[ParamSpec, ...]:
 def _is_param(raw: Any) -> bool:
     """A space entry is a parameter once it is a list or has a parameter field."""
     return not isinstance(raw, dict) or bool(raw.keys() & {"choices", "low", "high", "type"})
-
-
-def flatten_keys(
-    value: Mapping[str, Any], is_leaf: Callable[[Any], bool], prefix: str = ""
-) -> dict[str, Any]:
-    """``{attn: {l: x}}`` and ``{attn.l: x}`` both give ``{"attn.l": x}``."""
-    out: dict[str, Any] = {}
-    for key, raw in value.items():
-        full = f"{prefix}{key}"
-        if is_leaf(raw):
-            out[full] = raw
-        else:
-            out.update(flatten_keys(raw, is_leaf, f"{full}."))
-    return out
 
 
 def _objectives(raw: Mapping[str, Any]) -> tuple[Objective, ...]:

@@ -102,11 +102,15 @@ def run_trial(
         _end(trial, params, "rejected", str(exc))
     prepare_trial_config(cfg, spec, trial.number)
     reporter = TrialReporter(trial, prune=spec.pruner["type"] != "none")
-    from nsa_lab.training.run import train  # heavy: only once a trial really trains
+    # heavy: only once a trial really trains
+    from nsa_lab.evaluation.callback import needle_eval_callbacks
+    from nsa_lab.training.run import train
 
     try:
         result = train(
-            cfg, callbacks=[reporter], tags=tracker.child_tags(spec, parent_id, trial.number)
+            cfg,
+            callbacks=[reporter, *needle_eval_callbacks(cfg)],
+            tags=tracker.child_tags(spec, parent_id, trial.number),
         )
     except (KeyboardInterrupt, SystemExit) as exc:
         reason = "interrupted (Ctrl-C or SIGTERM); redone on the next run"

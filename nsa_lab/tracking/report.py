@@ -32,9 +32,9 @@ from mlflow.tracking import MlflowClient
 from nsa_lab.config import ConfigError
 from nsa_lab.files import write_atomic
 from nsa_lab.models.flops import AttnShape, attended_tokens_per_query
+from nsa_lab.tracking.loss_by_position import PositionBucket, logged_losses_by_position
 from nsa_lab.tracking.mlflow_run import RUN_ID
 from nsa_lab.tracking.plots import plot_loss_by_position, plot_loss_curves
-from nsa_lab.training.loss_by_position import PositionBucket, logged_losses_by_position
 
 NEEDLE_METRIC = "needle/acc"
 NOT_COMPARED = ("study", "report")  # sweep.kind of runs that are not trainings
