@@ -19,23 +19,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from nsa_lab.benchmarks.training import RESEARCH_MODEL
 from nsa_lab.config import load_config, parse_lengths
 from nsa_lab.evaluation.needle import cell_needles, greedy_answers, make_grid, rows_per_batch
 from nsa_lab.evaluation.selection import diagnose_cell, reference_op, selecting_layers
 from nsa_lab.models import GQATransformer
 
-MODEL = [
-    "model.n_layers=6",
-    "model.d_model=512",
-    "model.n_heads=8",
-    "model.n_kv_heads=2",
-    "model.head_dim=64",
-    "attn.l=32",
-    "attn.d=16",
-    "attn.l_sel=64",
-    "attn.n=16",
-    "attn.w=512",
-]
+MODEL = list(RESEARCH_MODEL)  # the issue-13 model, as `nsa-lab bench train` runs it
 DEPTH = 0.5
 
 
