@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,10 +174,9 @@ class ProgressBar(TQDMProgressBar):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        for name in ("_train_progress_bar", "_val_progress_bar"):
-            bar = getattr(self, name, None)
-            if bar is not None:
-                bar.close()
+        for name in ("train_progress_bar", "val_progress_bar"):
+            with contextlib.suppress(TypeError):  # Lightning's way of saying "no bar yet"
+                getattr(self, name).close()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
