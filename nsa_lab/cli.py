@@ -116,7 +116,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
     """``nsa-lab bench train``: its options checked (and the config it builds) before any run."""
     from nsa_lab.attention import list_variants
-    from nsa_lab.benchmarks.training import RESEARCH_MODEL, run_train_bench
+    from nsa_lab.benchmarks.training import bench_config, run_train_bench
 
     variants, known = parse_names(ns.variants), [v.name for v in list_variants()]
     if not variants or any(v not in known for v in variants):
@@ -132,8 +132,7 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
     if ns.profile and not ns.device.startswith("cuda"):
         raise ConfigError("--profile", True, "profiles GPU kernels: needs --device cuda")
     for variant in variants:  # every row's config is valid before the first one runs
-        seq = [f"model.max_seq_len={max(lengths)}", f"data.seq_len={max(lengths)}"]
-        load_config(overrides=[*RESEARCH_MODEL, *ns.overrides, f"attn.name={variant}", *seq])
+        bench_config(variant, max(lengths), ns.overrides)
     return run_train_bench(
         lengths,
         variants,

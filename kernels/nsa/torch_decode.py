@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from nsa_lab.kernels.nsa.spec import NSAParams, heads_per_group, softmax_scale
+from nsa_lab.kernels.nsa.spec import NSAParams, heads_per_group, run_branches, softmax_scale
 from nsa_lab.kernels.nsa.torch_ops import overlap_matrix
 
 
@@ -49,16 +49,22 @@ def nsa_decode_step(
     branches need, as for ``nsa_attention``.
     """
     scale = softmax_scale(q, scale)
-    outputs: dict[str, torch.Tensor] = {}
-    lse = None
-    if "cmp" in params.branches:
-        outputs["cmp"], lse = compression_decode(q, kc, vc, scale)
-    if "slc" in params.branches:
-        indices = selected_blocks_decode(q, kc, lse, params, t, scale)
-        outputs["slc"] = selection_decode(q, k_slc, v_slc, indices, params.l_sel, t, scale)
-    if "win" in params.branches:
-        outputs["win"] = attend_keys(q, k_win, v_win, scale)
-    return sum(gates[..., c, None] * outputs[name] for c, name in enumerate(params.branches))
+    return run_branches(
+        q,
+        gates,
+        params,
+        compression=lambda q, kc, vc: compression_decode(q, kc, vc, scale),
+        selection=lambda q, kc, lse, k, v: selection_decode(
+            q, k, v, selected_blocks_decode(q, kc, lse, params, t, scale), params.l_sel, t, scale
+        ),
+        window=lambda q, k, v: attend_keys(q, k, v, scale),
+        kc=kc,
+        vc=vc,
+        k_slc=k_slc,
+        v_slc=v_slc,
+        k_win=k_win,
+        v_win=v_win,
+    )
 
 
 def compressed_blocks_done(t: int, l: int, d: int) -> int:
@@ -70,7 +76,7 @@ def compression_decode(
     q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o [B,H,Dv], lse [B,H])`` over every given compressed block (none: 0 and -inf)."""
-    logits = _group_logits(q, kc, scale)  # [B, G, hpg, Nc]
+    logits = group_logits(q, kc.transpose(1, 2), scale)  # [B, G, hpg, Nc]
     lse = torch.logsumexp(logits, dim=-1)
     if kc.shape[1] == 0:
         return q.new_zeros(*q.shape[:2], vc.shape[-1]), lse.flatten(1)
@@ -88,7 +94,7 @@ def selected_blocks_decode(
     scale: float,
 ) -> torch.Tensor:
     """The selection blocks of the query at ``t``: int64 ``[B,G,n]`` in rank order, -1 padded."""
-    logits = _group_logits(q, kc, scale)
+    logits = group_logits(q, kc.transpose(1, 2), scale)
     if lse is None:
         lse = torch.logsumexp(logits, dim=-1).flatten(1)
     probs = torch.exp(logits - lse.view(logits.shape[:3])[..., None])  # [B, G, hpg, Nc]
@@ -142,11 +148,8 @@ def attend_keys(
     ``grouped``), optionally masked by ``visible [B,G,S]``; no key visible gives 0."""
     if not grouped:
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-    b, h, dk = q.shape
-    n_groups = k.shape[1]
-    q_grouped = q.view(b, n_groups, h // n_groups, dk) * scale
-    logits = torch.einsum("bghd,bgsd->bghs", q_grouped, k)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    b, h, _ = q.shape
+    logits = group_logits(q, k, scale)
     if visible is not None:
         logits = logits.masked_fill(~visible[:, :, None], -math.inf)
     if logits.shape[-1] == 0:
@@ -156,13 +159,14 @@ def attend_keys(
     return torch.einsum("bghs,bgsd->bghd", probs, v).flatten(1, 2)
 
 
-def _group_logits(q: torch.Tensor, kc: torch.Tensor, scale: float) -> torch.Tensor:
-    """``[B, G, hpg, Nc]`` compression logits, at least float32."""
+def group_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[B, G, hpg, S]`` scaled logits of ``q [B,H,Dk]`` against keys ``[B,G,S,Dk]``,
+    at least float32 (query head ``h`` in group ``h // hpg``)."""
     b, h, dk = q.shape
-    n_groups = kc.shape[2]
-    heads_per_group(q[:, None], kc)
+    n_groups = k.shape[1]
+    heads_per_group(q[:, None], k.transpose(1, 2))
     q_grouped = q.view(b, n_groups, h // n_groups, dk) * scale
-    logits = torch.einsum("bghd,bngd->bghn", q_grouped, kc)
+    logits = torch.einsum("bghd,bgsd->bghs", q_grouped, k)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 

@@ -19,7 +19,7 @@ from nsa_lab.attention.base import SingleKVAttention
 from nsa_lab.attention.cache import KVBuffer
 from nsa_lab.attention.registry import register
 from nsa_lab.kernels.nsa.spec import heads_per_group, softmax_scale
-from nsa_lab.kernels.nsa.torch_decode import block_order, selection_decode
+from nsa_lab.kernels.nsa.torch_decode import block_order, group_logits, selection_decode
 from nsa_lab.kernels.nsa.torch_ops import (
     causal_mask,
     query_chunks,
@@ -73,11 +73,8 @@ def true_block_mass_step(
     q: torch.Tensor, k: torch.Tensor, l_sel: int, scale: float
 ) -> torch.Tensor:
     """:func:`true_block_mass` of one query ``q [B,H,D]`` over all its keys: ``[B,G,Nsel]``."""
-    b, h, dk = q.shape
-    n_groups, t_len = k.shape[2], k.shape[1]
-    q_grouped = q.view(b, n_groups, h // n_groups, dk) * scale
-    logits = torch.einsum("bghd,bsgd->bghs", q_grouped, k)
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    t_len = k.shape[1]
+    probs = torch.softmax(group_logits(q, k.transpose(1, 2), scale), dim=-1)
     n_sel = math.ceil(t_len / l_sel)
     per_block = F.pad(probs.sum(dim=2), (0, n_sel * l_sel - t_len)).unflatten(-1, (n_sel, l_sel))
     return per_block.sum(dim=-1)

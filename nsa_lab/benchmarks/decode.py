@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nsa_lab.benchmarks.kernels import DENSE_BACKENDS, PAPER_PARAMS, PAPER_SHAPE, SMALL_STEP_MODEL
-from nsa_lab.benchmarks.training import kilo
+from nsa_lab.benchmarks.training import VOCAB_SIZE, bench_config, kilo
 from nsa_lab.kernels.nsa.spec import NSAParams
 from nsa_lab.kernels.nsa.torch_decode import compressed_blocks_done
 
@@ -172,19 +172,9 @@ def generation_speed(
     overrides: Sequence[str] = SMALL_STEP_MODEL,
 ) -> Generation:
     """Prefill ``t_len - steps`` random tokens, then time ``steps`` cached one-token steps."""
-    from nsa_lab.benchmarks.training import RESEARCH_MODEL, VOCAB_SIZE
-    from nsa_lab.config import load_config
     from nsa_lab.models import GQATransformer
 
-    cfg = load_config(
-        overrides=[
-            *RESEARCH_MODEL,
-            *overrides,
-            f"attn.name={variant}",
-            f"model.max_seq_len={t_len}",
-            f"data.seq_len={t_len}",
-        ]
-    )
+    cfg = bench_config(variant, t_len, overrides)
     torch.manual_seed(0)
     model = GQATransformer(cfg.model, cfg.attn, VOCAB_SIZE).to(device).eval()
     prompt = torch.randint(0, VOCAB_SIZE, (batch, t_len - steps), device=device)

@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 # The small-model research shape (experiments/long_context.yaml): 6 layers, d_model 512,
 # 8 query heads in 2 groups of 64, NSA with the paper's blocks.
@@ -68,27 +69,33 @@ class StepResult:
     profile: str | None = None
 
 
+def bench_config(variant: str, seq_len: int, overrides: Sequence[str] = ()) -> DictConfig:
+    """The benchmarked model's config: the research shape, ``overrides``, the variant and
+    the length (raises ``ConfigError`` for a bad combination)."""
+    from nsa_lab.config import load_config
+
+    return load_config(
+        overrides=[
+            *RESEARCH_MODEL,
+            *overrides,
+            f"attn.name={variant}",
+            f"model.max_seq_len={seq_len}",
+            f"data.seq_len={seq_len}",
+        ]
+    )
+
+
 def measure(bench: StepBench) -> StepResult:
     """Build the model, train ``warmup + steps`` steps on random tokens, and time them."""
-    from nsa_lab.config import load_config
+    from nsa_lab.models import GQATransformer
     from nsa_lab.models.flops import training_flops_per_token
     from nsa_lab.training.efficiency import GIB, compile_model, device_peak_flops
     from nsa_lab.training.module import next_token_loss, optimizer_groups
 
     start = time.perf_counter()
     device = torch.device(bench.device)
-    cfg = load_config(
-        overrides=[
-            *RESEARCH_MODEL,
-            *bench.overrides,
-            f"attn.name={bench.variant}",
-            f"model.max_seq_len={bench.seq_len}",
-            f"data.seq_len={bench.seq_len}",
-        ]
-    )
+    cfg = bench_config(bench.variant, bench.seq_len, bench.overrides)
     torch.manual_seed(0)
-    from nsa_lab.models import GQATransformer
-
     model = GQATransformer(cfg.model, cfg.attn, VOCAB_SIZE).to(device)
     if bench.compile:
         compile_model(model)
