@@ -137,6 +137,28 @@ def test_nsa_presets_build_what_they_claim(
     assert list(means) == branches and all(0.0 < m < 1.0 for m in means.values())
 
 
+def test_rope_rotates_in_the_tables_precision_and_returns_the_input_dtype() -> None:
+    x = torch.randn(2, 40, 3, 8)
+    cos, sin = rope_tables(8, 40, 10000.0, x.device, torch.float32)
+    rotated = apply_rope(x.bfloat16(), cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    exact = apply_rope(x.bfloat16().float(), cos, sin)
+    torch.testing.assert_close(rotated, exact.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NSA_VARIANTS)
+def test_one_gemm_projects_every_source_as_its_own_linear_would(name: str) -> None:
+    torch.manual_seed(4)
+    layer, x = _layer(name), _x()
+    cos, sin = rope_tables(8, T, 10000.0, x.device, x.dtype)
+    keys, values = layer._projected(x, cos, sin)
+    assert set(keys) == set(layer.k_proj) and set(values) == set(layer.v_proj)
+    for src, proj in layer.k_proj.items():
+        torch.testing.assert_close(keys[src], layer.keys(proj, x, cos, sin), rtol=0, atol=1e-12)
+    for src, proj in layer.v_proj.items():
+        torch.testing.assert_close(values[src], layer.values(proj, x), rtol=0, atol=1e-12)
+
+
 def test_triton_impl_without_a_gpu_fails_with_a_clear_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -23,12 +23,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nsa_lab.attention.base import AttentionBase, cache_dtype
 from nsa_lab.attention.cache import GrowingBuffer, KVBuffer, LayerCache
 from nsa_lab.attention.impl import op_for
 from nsa_lab.attention.registry import register
+from nsa_lab.attention.rope import apply_rope
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams
 from nsa_lab.kernels.nsa.torch_decode import nsa_decode_step
 from nsa_lab.kernels.nsa.torch_ops import nsa_attention, selected_blocks
@@ -108,9 +110,21 @@ class NSAAttention(AttentionBase):
     def _projected(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Rotated keys and values per source (a branch's own projection, or the shared one)."""
-        keys = {src: self.keys(proj, x, cos, sin) for src, proj in self.k_proj.items()}
-        values = {src: self.values(proj, x) for src, proj in self.v_proj.items()}
+        """Rotated keys and values per source (a branch's own projection, or the shared one).
+
+        All sources go through one GEMM over their stacked weights and one RoPE call:
+        up to six ``d_model -> G * head_dim`` projections are each too narrow to use the
+        GPU well (and cost six launches forward, twelve backward). The weights stay one
+        ``nn.Linear`` per source, so checkpoints keep their names.
+        """
+        projections = [*self.k_proj.values(), *self.v_proj.values()]
+        heads = self.split_heads(F.linear(x, torch.cat([p.weight for p in projections])))
+        n_keys = len(self.k_proj) * self.n_kv_heads
+        rotated = apply_rope(heads[:, :, :n_keys], cos, sin)
+        keys = dict(zip(self.k_proj, rotated.chunk(len(self.k_proj), dim=2), strict=True))
+        values = dict(
+            zip(self.v_proj, heads[:, :, n_keys:].chunk(len(self.v_proj), dim=2), strict=True)
+        )
         return keys, values
 
     def _gates(self, x: torch.Tensor) -> torch.Tensor:

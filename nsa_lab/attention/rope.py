@@ -21,7 +21,12 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]``: each pair ``(x_i, x_{i + D/2})`` turns by angle ``t * f_i``."""
+    """Rotate ``x [B, T, H, D]``: each pair ``(x_i, x_{i + D/2})`` turns by angle ``t * f_i``.
+
+    The rotation runs in the tables' precision and the result comes back in ``x``'s
+    dtype: under bf16 autocast the projections are bf16, and a float32 result would only
+    be cast back before attention, after costing twice the memory traffic.
+    """
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
