@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warmup", type=int, default=5, help="train: untimed steps first")
     bench.add_argument(
-        "--compile", action="store_true", help="train: torch.compile the blocks (train.compile)"
+        "--compile", action="store_true", help="train: torch.compile the whole model (train.compile)"
     )
     bench.add_argument("--device", default="cuda", help="train: cuda (default) or cpu")
     bench.add_argument(

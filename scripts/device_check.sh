@@ -9,13 +9,14 @@ shift || true
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets matplotlib 2>&1 | grep -v "^WARNING" | tail -3
+python3 -m pip install -q --no-index --find-links .whl omegaconf optuna mlflow-skinny datasets matplotlib pytest-xdist 2>&1 | grep -v "^WARNING" | tail -3
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_range_attention.py \
-    tests/test_triton_selection.py tests/test_triton_nsa.py 2>&1 | tee "$out/tests.log" | tail -15
+  # Compiling the kernels for each test shape is CPU work: pytest-xdist spreads it.
+  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_*.py 2>&1 \
+    | tee "$out/tests.log" | tail -15
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m nsa_lab bench kernels --out "$out/bench.md" "$@" 2>&1 | tee "$out/bench.log" | tail -40
