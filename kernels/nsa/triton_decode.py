@@ -48,7 +48,7 @@ from nsa_lab.kernels.nsa.spec import (
 )
 from nsa_lab.kernels.nsa.torch_decode import selected_blocks_decode
 from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton
-from nsa_lab.kernels.nsa.triton_tuning import autotune, interpreted
+from nsa_lab.kernels.nsa.triton_tuning import autotune, dot_precision, interpreted
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
@@ -244,7 +244,7 @@ def _dims(q: torch.Tensor, v: torch.Tensor, hpg: int) -> dict[str, int | str]:
         "HP": max(MMA_ROWS, triton.next_power_of_2(hpg)),
         "BLOCK_DK": _dim_block(q.shape[-1]),
         "BLOCK_DV": _dim_block(v.shape[-1]),
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": dot_precision(q.dtype),
     }
 
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from nsa_lab.kernels.nsa.spec import heads_per_group
-from nsa_lab.kernels.nsa.triton_tuning import autotune
+from nsa_lab.kernels.nsa.triton_tuning import autotune, dot_precision
 
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
@@ -798,7 +798,7 @@ def _dims(q: torch.Tensor, v: torch.Tensor) -> dict[str, int | str]:
         "D_V": d_v,
         "BLOCK_DK": max(16, triton.next_power_of_2(d_k)),
         "BLOCK_DV": max(16, triton.next_power_of_2(d_v)),
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": dot_precision(q.dtype),
     }
 
 

@@ -25,8 +25,9 @@ Same functions as ``torch_ops.selection_scores`` + ``select_blocks`` and
   one atomic add per element.
 
 All softmax work is in base 2 with the scale folded into one multiplier, and
-accumulates in float32 whatever the input dtype. Head and block dimensions are padded
-to powers of two (at least 16, as ``tl.dot`` needs) and masked.
+accumulates in float32 whatever the input dtype; float32 inputs take true fp32 products
+(:func:`~nsa_lab.kernels.nsa.triton_tuning.dot_precision`). Head and block dimensions
+are padded to powers of two (at least 16, as ``tl.dot`` needs) and masked.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from nsa_lab.kernels.nsa.spec import heads_per_group, softmax_scale
-from nsa_lab.kernels.nsa.triton_tuning import autotune
+from nsa_lab.kernels.nsa.triton_tuning import autotune, dot_precision
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 _LOG2E_K = tl.constexpr(LOG2E)  # the same, readable inside kernels
@@ -184,7 +185,7 @@ def _score_chunk(
         t_start, rows, n_cmp, n_sel, n_groups, heads_per_group(q, kc), q.shape[3], scale,
         *q.stride(), *kc.stride(), *lse.stride(), *scores.stride(),
         L=l, D=d, L_SEL=l_sel, BLOCK_DK=_dim_block(q.shape[3]),
-        BLOCK_S=SCORE_SEL_BLOCKS, BLOCK_C=block_c,
+        BLOCK_S=SCORE_SEL_BLOCKS, BLOCK_C=block_c, PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
 
 
@@ -204,7 +205,8 @@ def _score_kernel(
     stride_lb, stride_lt, stride_lh,
     stride_ob, stride_og, stride_ot, stride_oj,
     L: tl.constexpr, D: tl.constexpr, L_SEL: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Scores of ``BLOCK_M`` queries x one kv group, ``BLOCK_S`` selection blocks per step.
 
@@ -242,7 +244,7 @@ def _score_kernel(
         for head in range(g * hpg, (g + 1) * hpg):
             q = _load_rows(q_ptr, q_rows + head * stride_qh, row_ok, dk, stride_qd, BLOCK_DK)
             lse = tl.load(lse_ptr + lse_rows + head * stride_lh, mask=row_ok, other=0.0)
-            logits = tl.dot(q, tl.trans(kc))
+            logits = tl.dot(q, tl.trans(kc), input_precision=PRECISION)
             # Masked before exp2: lse of a row that sees no block may be -inf or huge.
             p += tl.exp2(tl.where(keep, logits * scale - lse[:, None], -float("inf")) * _LOG2E_K)
         # Shared segments of cmp block i ([i, i + SEG_CMP)) and sel block j.
@@ -404,6 +406,7 @@ def _selection_attention_backward_op(
             t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
             L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
             BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
+            PRECISION=meta["PRECISION"],
         )  # fmt: skip
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
@@ -461,6 +464,7 @@ def _attention_meta(
         "BLOCK_L": _dim_block(l_sel),
         "BLOCK_DK": _dim_block(q.shape[3]),
         "BLOCK_DV": _dim_block(v.shape[3]),
+        "PRECISION": dot_precision(q.dtype),
     }
 
 
@@ -639,6 +643,7 @@ def _selection_fwd_kernel(
     t_len, n_groups, hpg, n, dk, dv, qk_scale,
     L_SEL: tl.constexpr, HP: tl.constexpr, QPP: tl.constexpr, NP: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One (tile of ``QPP`` positions, batch, group): its rows against the tile's block union.
 
@@ -670,12 +675,13 @@ def _selection_fwd_kernel(
             k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
         visible = _visible_keys(choices, block, key_ok, key_pos, t)
-        qk = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, -float("inf"))
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.where(visible, qk, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -707,6 +713,7 @@ def _selection_dq_kernel(
     t_len, n_groups, hpg, n, dk, dv, qk_scale, scale,
     L_SEL: tl.constexpr, HP: tl.constexpr, QPP: tl.constexpr, NP: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ on the forward's grid and block union; also stores ``delta = rowsum(o * do)``.
 
@@ -744,10 +751,10 @@ def _selection_dq_kernel(
             k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
         visible = _visible_keys(choices, block, key_ok, key_pos, t)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(visible, tl.exp2(qk - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq_rows = b * stride_dqb + t * stride_dqt + q_head * stride_dqh
     _store_rows(dq_ptr, dq_rows, row_ok, dq * scale, dk, stride_dqd, BLOCK_DK)
 
@@ -772,7 +779,7 @@ def _selection_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvg, stride_dvd,
     t_len, n_groups, n_sel, hpg, dk, dv, qk_scale, scale,
     L_SEL: tl.constexpr, HPP: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of one selection block from one piece of the queries that chose it.
 
@@ -812,14 +819,14 @@ def _selection_dkdv_kernel(
         row_stat = b * stride_lb + t * stride_lt + q_head * stride_lh
         lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + row_stat, mask=row_ok, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # [keys, rows]
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [keys, rows]
         causal = key_pos[:, None] <= t[None, :]
         p_t = tl.where(
             key_ok[:, None] & row_ok[None, :] & causal, tl.exp2(qk_t - lse[None, :]), 0.0
         )
-        dv_acc += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk_acc += tl.dot(ds_t.to(q.dtype), q)
+        dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+        dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     key_mask = key_ok[:, None]
     dk_cols, _ = _columns(dk_ptr + b * stride_dkb + g * stride_dkg, dk, stride_dkd, BLOCK_DK)
     dv_cols, _ = _columns(dv_ptr + b * stride_dvb + g * stride_dvg, dv, stride_dvd, BLOCK_DV)

@@ -24,11 +24,19 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import triton
 
 Candidate = tuple[dict[str, int], int, int]  # (compile-time tile sizes, num_warps, num_stages)
 # Head dims up to this use a kernel's ``small_head`` candidates, when it has them.
 SMALL_HEAD_DIM = 64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for inputs of ``dtype``: float32 inputs get true
+    fp32 products (``ieee``; Triton would round them to TF32, a 1e-3 relative error that
+    the float32 reference paths do not have); half-precision inputs ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def interpreted() -> bool:
