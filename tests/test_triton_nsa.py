@@ -155,3 +155,25 @@ def test_compiled_graph_keeps_the_kernels_as_ops_and_their_results():
     assert rel_err(results[1], results[0]) < 1e-6
     for eager, graph in zip(*grads, strict=True):
         assert rel_err(graph, eager) < 1e-6
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a GPU matter")
+def test_forward_and_backward_never_wait_for_the_gpu():
+    """No op of the NSA step reads a GPU value back to the host (a synchronisation stalls
+    the launch queue every step, and breaks CUDA-graph capture); autotuning, which
+    times candidates, runs first."""
+    params = NSAParams(l=16, d=8, l_sel=16, n=4, w=64)
+    x = random_inputs(300, 8, 2, 64, 64, params)
+    bf16 = {k: v.detach().bfloat16().requires_grad_() for k, v in x.items()}
+
+    def step() -> None:
+        out = nsa_attention_triton(bf16["q"], bf16["gates"], params, **_tensors(bf16))
+        out.float().square().sum().backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

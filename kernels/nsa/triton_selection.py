@@ -509,10 +509,13 @@ def _queries_by_block(
     group = torch.arange(n_groups, device=device).view(1, 1, n_groups, 1)
     bucket = (batch * n_groups + group) * n_sel + indices.long()
     bucket = torch.where(indices >= 0, bucket, n_buckets).flatten()  # empty slots sort last
-    entry = torch.sort(bucket, stable=True).indices
+    sorted_bucket, entry = torch.sort(bucket, stable=True)
     positions = ((entry // (n_groups * n)) % t_len).to(torch.int32)
-    counts = torch.bincount(bucket, minlength=n_buckets + 1)[:n_buckets]
-    ends = counts.cumsum(0)
+    # Bucket ends by binary search in the sorted list (torch.bincount on a GPU would read
+    # the largest value back to size its output: a host synchronisation every step).
+    buckets = torch.arange(n_buckets, device=device)
+    ends = torch.searchsorted(sorted_bucket, buckets, right=True)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
     pieces = (counts + max_queries - 1) // max_queries
     piece_ends = pieces.cumsum(0)
     bound = indices.numel() // max_queries + n_buckets
