@@ -12,12 +12,19 @@ import torch
 def rope_tables(
     head_dim: int, seq_len: int, theta: float, device: torch.device | str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)``, each ``[seq_len, head_dim // 2]``; angles computed in float64."""
+    """``(cos, sin)``, each ``[seq_len, head_dim // 2]``; angles computed in float64.
+
+    Built on ``device`` itself: tables built on the host and copied over would make every
+    forward wait for the GPU to drain (a synchronous copy from pageable memory), and
+    would put host ops in a compiled graph, which then cannot be replayed as a CUDA graph.
+    """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    device = torch.device(device)
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=wide, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=wide, device=device), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
