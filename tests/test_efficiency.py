@@ -206,3 +206,27 @@ def test_compiled_blocks_give_the_eager_logits_and_gradients(variant):
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints unchanged
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter")
+@pytest.mark.parametrize("variant", ["full", "window", "nsa"])
+def test_a_training_step_never_waits_for_the_gpu(variant):
+    """Forward, loss and backward queue their work without reading anything back: a
+    synchronisation drains the GPU's queue every step (and breaks CUDA-graph capture).
+    The first step runs unchecked: autotuning times its candidates."""
+    cfg = smoke(f"attn.name={variant}", "attn.impl=auto")
+    model = GQATransformer(cfg.model, cfg.attn, VOCAB).cuda()
+    idx = torch.randint(0, VOCAB, (2, cfg.data.seq_len + 1), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(idx[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
