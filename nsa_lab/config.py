@@ -133,6 +133,9 @@ class TrainConfig:
     devices: str = "auto"  # "auto", a count ("2") or a list ("[0,1]"), as Lightning takes it
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp (Lightning's own strategies)
+    # ddp/fsdp: seconds a collective waits for a silent rank before it raises (Lightning's
+    # default, 30 min); it bounds how long the others wait on a hung or lost rank.
+    dist_timeout_s: int = 1800
     val_every: int = 100
     val_batches: int = 20
     log_every: int = 10
@@ -370,7 +373,7 @@ def _validate_train(t: DictConfig) -> None:
     for key in ("beta1", "beta2"):
         _require(0 <= t[key] < 1, f"train.{key}", t[key], "must lie in [0, 1) (Adam's beta)")
     _require(0 <= t.seed <= MAX_SEED, "train.seed", t.seed, f"must lie in [0, {MAX_SEED}]")
-    _require_positive(t, "train", ("num_nodes",))
+    _require_positive(t, "train", ("num_nodes", "dist_timeout_s"))
     _require_nonempty(t, "train", ("ckpt_dir",))
     for key, allowed in (
         ("precision", PRECISIONS),

@@ -63,6 +63,7 @@ BAD_VALUES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train.devices": ("two", ()),
     "train.num_nodes": ("0", ()),
     "train.strategy": ("deepspeed", ()),
+    "train.dist_timeout_s": ("0", ()),
     "train.val_every": ("0", ()),
     "train.val_batches": ("0", ()),
     "train.log_every": ("0", ()),

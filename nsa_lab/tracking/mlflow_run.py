@@ -124,5 +124,10 @@ def _log_figure(client: MlflowClient, run_id: str, name: str, draw: Callable[[Pa
         client.log_artifact(run_id, str(path))
 
 
+def mark_running(client: MlflowClient, run_id: str) -> None:
+    """A resumed run is running again (until :func:`finish` ends it once more)."""
+    client.update_run(run_id, status="RUNNING")
+
+
 def finish(client: MlflowClient, run_id: str, ok: bool) -> None:
     client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nsa_lab.files import write_atomic
+from nsa_lab.training import rank_watchdog
 from nsa_lab.training.efficiency import GIB, device_peak_flops, model_flops_utilization
 
 PEAK_MEM_METRIC = "train/peak_mem_gib"
@@ -106,9 +110,10 @@ class TokenThroughput(L.Callback):
 
 
 class PeakMemory(L.Callback):
-    """Logs ``train/peak_mem_gib``, the GPU memory high-water mark of rank 0
-    (``torch.cuda.max_memory_allocated``), on the log steps and once more at the end of
-    training, so the run's last value is its peak. Nothing on a CPU."""
+    """Logs ``train/peak_mem_gib``, the GPU memory high-water mark
+    (``torch.cuda.max_memory_allocated``) of the rank that holds the most (one all-reduce
+    over ranks), on the log steps and once more at the end of training, so the run's last
+    value is its peak. Nothing on a CPU."""
 
     def __init__(self, log_every: int) -> None:
         self.watch = OptimizerStepWatch(log_every)
@@ -125,13 +130,20 @@ class PeakMemory(L.Callback):
         batch_idx: int,
     ) -> None:
         if self.watch.logs_now(trainer) and pl_module.device.type == "cuda":
-            pl_module.log(PEAK_MEM_METRIC, peak_mem_gib(pl_module.device), rank_zero_only=True)
+            pl_module.log(PEAK_MEM_METRIC, _highest_peak(trainer, pl_module), rank_zero_only=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda" and trainer.is_global_zero and trainer.logger:
-            trainer.logger.log_metrics(
-                {PEAK_MEM_METRIC: peak_mem_gib(pl_module.device)}, step=trainer.global_step
-            )
+        if pl_module.device.type != "cuda":
+            return
+        peak = _highest_peak(trainer, pl_module)  # every rank takes part
+        if trainer.is_global_zero and trainer.logger:
+            trainer.logger.log_metrics({PEAK_MEM_METRIC: peak}, step=trainer.global_step)
+
+
+def _highest_peak(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """The largest :func:`peak_mem_gib` of all ranks (a collective: every rank calls it)."""
+    mine = torch.tensor(peak_mem_gib(pl_module.device), device=pl_module.device)
+    return float(trainer.strategy.reduce(mine, reduce_op="max"))
 
 
 def peak_mem_gib(device: torch.device) -> float:
@@ -155,6 +167,13 @@ class CheckpointOnCrash(L.Callback):
 
     Lightning's own OnExceptionCheckpoint would also make every fresh ``fit``
     resume from ``last.ckpt`` if one exists; a fresh run must stay fresh.
+
+    With several processes saving is collective (a barrier; FSDP gathers the shards): it
+    works when every rank raises at the same point (Ctrl-C, SIGTERM, a failure every rank
+    meets), and raises at once where a peer is gone over gloo. Where a peer is lost over
+    NCCL, Lightning's launcher SIGKILLs every rank first (see :class:`RankWatchdog`), and a
+    rank that raises alone leaves the others waiting up to ``train.dist_timeout_s``; such a
+    run resumes from its periodic ``last.ckpt``.
     """
 
     def __init__(self, path: Path) -> None:
@@ -164,6 +183,45 @@ class CheckpointOnCrash(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # full: resumable
+
+
+class RankWatchdog(L.Callback):
+    """Stops a multi-process run whose rank 0 vanished, and marks its MLflow run FAILED.
+
+    When a rank is killed, Lightning's launcher (a thread of rank 0) SIGKILLs every
+    process within 5 s, rank 0 included, so rank 0 cannot mark its MLflow run FAILED
+    itself; when rank 0 is killed, the other ranks wait in their next collective until
+    ``train.dist_timeout_s``. This callback starts :mod:`nsa_lab.training.rank_watchdog`
+    beside rank 0, once the process group is up (it learns the pids of the ranks on rank
+    0's machine then). Should rank 0 vanish before :meth:`stop` (which ``train`` calls
+    however training ended, having marked the run itself), the watchdog SIGKILLs the
+    remaining local ranks and marks the run FAILED.
+
+    Only rank 0 needs ``run_id``; with one process it does nothing.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._started = False
+        self._proc: subprocess.Popen | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._started or trainer.world_size < 2:
+            return
+        self._started = True  # on every rank: the gather below is a collective
+        me = (socket.gethostname(), os.getpid())
+        ranks: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, me)
+        if trainer.is_global_zero and self.run_id is not None:
+            others = [pid for host, pid in ranks if host == me[0] and pid != me[1]]
+            self._proc = rank_watchdog.start(self.tracking_uri, self.run_id, others)
+
+    def stop(self) -> None:
+        """Training ended under rank 0's control (the run is marked): the watchdog exits."""
+        if self._proc is not None:
+            rank_watchdog.stop(self._proc)
+            self._proc = None
 
 
 class ProgressBar(TQDMProgressBar):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from nsa_lab.data.needle import answer_mask
 from nsa_lab.models.transformer import GQATransformer
@@ -34,13 +36,61 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ).view_as(targets)
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: matrices decay, vectors (norm gains, biases) do not."""
-    params = list(model.parameters())
+# What FSDP puts into the names of the parameters of every module it wraps.
+FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
+def matrix_names(model: torch.nn.Module) -> frozenset[str]:
+    """Names of ``model``'s parameters with two or more dimensions (those that decay)."""
+    return frozenset(name for name, p in model.named_parameters() if p.ndim >= 2)
+
+
+def optimizer_groups(
+    model: torch.nn.Module, weight_decay: float, matrices: Collection[str] | None = None
+) -> list[dict]:
+    """AdamW parameter groups: matrices decay, vectors (norm gains, biases) do not.
+
+    ``matrices`` names the matrices (:func:`matrix_names` of the model before any
+    wrapping); without it, the parameters' own shapes tell. FSDP needs the names: once it
+    has wrapped a model, every parameter is a 1-D view of its shard, so by shape nothing
+    would decay.
+    """
+    if matrices is None:
+        pairs = [(p, p.ndim >= 2) for p in model.parameters()]
+    else:
+        pairs = [
+            (p, name.replace(FSDP_WRAPPED, "") in matrices) for name, p in model.named_parameters()
+        ]
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, decay in pairs if decay], "weight_decay": weight_decay},
+        {"params": [p for p, decay in pairs if not decay], "weight_decay": 0.0},
     ]
+
+
+def optimizer_state_by_model_position(
+    state: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module
+) -> dict:
+    """``optimizer.state_dict()`` (``state``) re-keyed the way FSDP saves full optimizer
+    states: a parameter's id is its position in ``model.parameters()``, each group's ids
+    ascending.
+
+    torch numbers a state dict's parameters group after group, so the ids of the two
+    groups of :func:`optimizer_groups` interleave differently from the model's order;
+    Lightning's FSDP strategy, loading a checkpoint that is not its own, assumes the
+    model's order. Keyed this way, a checkpoint resumes under FSDP and (torch maps saved
+    to current parameters by position within each group, and the groups keep the model's
+    order) under every other strategy.
+    """
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    in_groups = [p for group in optimizer.param_groups for p in group["params"]]
+    to_model = {i: position[id(p)] for i, p in enumerate(in_groups)}
+    return {
+        "state": {to_model[i]: value for i, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [to_model[i] for i in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
 
 
 class StepLossMean:
@@ -78,6 +128,7 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.cfg: DictConfig = OmegaConf.create(config)
         self.model = GQATransformer(self.cfg.model, self.cfg.attn, vocab_size)
+        self._matrices = matrix_names(self)  # before FSDP can flatten them
         self._step_loss = StepLossMean()
         self._val_buckets = position_buckets(self.cfg.data.seq_len)
         self._val_sums = torch.zeros(1 + len(self._val_buckets))
@@ -145,24 +196,59 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Logs ``val/loss``, ``val/ppl`` and ``val/loss_pos/<bucket>`` for every bucket.
 
-        Sequence-weighted means over all ranks (one all-gather), so the last partial
-        batch and uneven shards count exactly once per sequence; since every sequence
-        has every position, the bucket means weighted by bucket size give ``val/loss``.
+        Sequence-weighted means over all ranks (one all-gather of every rank's sums and
+        count), so the last partial batch and uneven shards count exactly once per sequence;
+        since every sequence has every position, the bucket means weighted by bucket size
+        give ``val/loss``. Every rank logs the same global values (as numbers, so Lightning
+        does not offer to reduce them again); rank 0's logger writes them.
         """
         count = torch.tensor([float(self._val_count)], device=self.device)
         totals = self.all_gather(torch.cat([self._val_sums, count]))
         if totals.ndim == 2:
             totals = totals.sum(0)
-        means = totals[:-1] / totals[-1].clamp_min(1)
-        self.log("val/loss", means[0], prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(means[0]), rank_zero_only=True)
+        means = (totals[:-1] / totals[-1].clamp_min(1)).tolist()
+        self.log("val/loss", means[0], prog_bar=True)
+        self.log("val/ppl", math.exp(means[0]))
         for bucket, value in zip(self._val_buckets, means[1:], strict=True):
-            self.log(bucket.metric, value, rank_zero_only=True)
+            self.log(bucket.metric, value)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clips the gradients' global norm to ``train.grad_clip`` (Lightning's hook).
+
+        Under FSDP every rank holds a shard of each gradient, so the norm must be reduced
+        over ranks: the FSDP root's own ``clip_grad_norm_`` does that, where Lightning's
+        precision plugin refuses norm clipping under FSDP. Elsewhere Lightning's default.
+        """
+        model = self.trainer.model
+        if isinstance(model, FullyShardedDataParallel):
+            if gradient_clip_val:
+                model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Optimizer states keyed as FSDP keys them (:func:`optimizer_state_by_model_position`),
+        so that a checkpoint of any strategy and device count resumes under any other."""
+        if "optimizer_states" not in checkpoint or isinstance(
+            self.trainer.model, FullyShardedDataParallel
+        ):
+            return  # no optimizer saved, or Lightning's FSDP strategy already keyed them so
+        checkpoint["optimizer_states"] = [
+            optimizer_state_by_model_position(state, optimizer, self)
+            for state, optimizer in zip(
+                checkpoint["optimizer_states"], self.trainer.optimizers, strict=True
+            )
+        ]
 
     def configure_optimizers(self):
         t = self.cfg.train
         optimizer = torch.optim.AdamW(
-            optimizer_groups(self, t.weight_decay),
+            optimizer_groups(self, t.weight_decay, self._matrices),
             lr=t.lr,
             betas=(t.beta1, t.beta2),
         )

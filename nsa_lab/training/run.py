@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -12,24 +13,28 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import MixedPrecision
 
 from nsa_lab.config import RESUME_FRESH, RESUME_LATEST, ConfigError, parse_devices
 from nsa_lab.data import NSADataModule, cache_dir_for
 from nsa_lab.models.flops import training_flops_per_token
+from nsa_lab.models.transformer import Block
 from nsa_lab.tracking.mlflow_run import (
     CHECKPOINT_TAG,
     finish,
     log_config,
     log_loss_curves,
     make_logger,
+    mark_running,
 )
 from nsa_lab.training.callbacks import (
     AtomicCheckpointIO,
     CheckpointOnCrash,
     PeakMemory,
     ProgressBar,
+    RankWatchdog,
     RunIdInCheckpoint,
     TokenThroughput,
 )
@@ -75,6 +80,9 @@ def train(
     data.setup("fit")  # data errors surface before a run is created
     module = LanguageModel(OmegaConf.to_container(cfg, resolve=True), data.tokenizer.vocab_size)
     flops_per_token = lru_cache(partial(training_flops_per_token, module.model, cfg.attn))
+    for length in served_lengths(cfg.data):
+        # Counted now, from the whole model: under FSDP its weights become shards.
+        flops_per_token(length)
     if cfg.train.compile:
         compile_model(module.model)
 
@@ -85,7 +93,11 @@ def train(
     trainer = _make_trainer(cfg, logger, ckpt_dir, callbacks, flops_per_token)
     # Only global rank 0 talks to MLflow (Lightning gives other ranks a no-op logger).
     run_id = logger.run_id if trainer.is_global_zero else None
+    watchdog = RankWatchdog(cfg.tracking.uri, run_id)
+    trainer.callbacks.append(watchdog)
     if trainer.is_global_zero:
+        if resume_path is not None:
+            mark_running(logger.experiment, run_id)  # the same run goes on
         log_config(
             logger,
             cfg,
@@ -104,15 +116,19 @@ def train(
         trainer.fit(module, datamodule=data, ckpt_path=resume_path, weights_only=True)
         if trainer.global_step % cfg.train.val_every != 0:
             trainer.validate(module, datamodule=data, verbose=False)
-        # A full checkpoint (optimizer, loops, callbacks), for train.resume; saying so
-        # spares Lightning's "weights_only was not set" note.
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
+            # A full checkpoint (optimizer, loops, callbacks), for train.resume; saying so
+            # spares Lightning's "weights_only was not set" note. On a validation step the
+            # periodic last.ckpt of this very step is already there, and must stay: resumed
+            # from a checkpoint saved after `fit`, Lightning counts that step's validation
+            # as one more step, so every later MLflow step would be off by one.
+            trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
         ok = True
     finally:
         if trainer.is_global_zero:
             if ok:
                 log_loss_curves(logger.experiment, run_id)
             finish(logger.experiment, run_id, ok)
+        watchdog.stop()
     return TrainResult(
         run_id=run_id,
         run_name=cfg.tracking.run_name,
@@ -178,7 +194,7 @@ def _make_trainer(
         accelerator=t.accelerator,
         devices=parse_devices(t.devices),
         num_nodes=t.num_nodes,
-        strategy=_strategy(t.strategy),
+        strategy=make_strategy(t),
         precision=resolve_precision(t.precision, t.accelerator),
         gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every,
@@ -214,9 +230,35 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
-def _strategy(name: str) -> str | FSDPStrategy:
-    """Lightning's strategies; FSDP saves full (unsharded) checkpoints, so a run can
-    resume on another device count."""
-    if name == "fsdp":
-        return FSDPStrategy(state_dict_type="full")
-    return name
+def make_strategy(t: DictConfig) -> str | Strategy:
+    """Lightning's strategy for ``train.strategy`` (``t`` is ``cfg.train``).
+
+    ``ddp`` and ``fsdp`` wait ``train.dist_timeout_s`` for a silent rank. FSDP:
+
+    - shards each transformer :class:`Block` on its own (and the embedding, final norm and
+      tied head together at the root), so only one block's weights are whole at a time;
+    - saves full (unsharded) checkpoints, so a run resumes on another device count or
+      strategy;
+    - keeps float32 weights under ``bf16-mixed``/``16-mixed`` and lets autocast compute
+      in half precision, as DDP and one device do (Lightning's default would cast the
+      weights, the residual stream and the gradient reductions to half precision), so
+      that FSDP trains the model the other strategies train.
+    """
+    timeout = timedelta(seconds=t.dist_timeout_s)
+    if t.strategy == "ddp":
+        return DDPStrategy(timeout=timeout)
+    if t.strategy == "fsdp":
+        mixed = "mixed" in resolve_precision(t.precision, t.accelerator)
+        return FSDPStrategy(
+            state_dict_type="full",
+            auto_wrap_policy={Block},
+            mixed_precision=MixedPrecision() if mixed else None,
+            timeout=timeout,
+        )
+    return t.strategy
+
+
+def served_lengths(data: DictConfig) -> list[int]:
+    """The sequence lengths training batches come in: ``data.seq_len``, and the
+    curriculum's shorter rows while it lasts."""
+    return [data.seq_len] + ([data.curriculum_seq_len] if data.curriculum_seq_len else [])
