@@ -12,7 +12,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from nsa_lab.config import ConfigError, load_config, parse_lengths, parse_names, to_yaml
+from nsa_lab.config import (
+    COMPILE_MODES,
+    ConfigError,
+    load_config,
+    parse_lengths,
+    parse_names,
+    to_yaml,
+)
 
 EXIT_USAGE = 2
 
@@ -139,7 +146,7 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
         batch=batches[0],
         steps=ns.steps,
         warmup=ns.warmup,
-        compile_model=ns.compile,
+        compile_mode=ns.compile_mode if ns.compile else None,
         overrides=ns.overrides,
         device=ns.device,
         profile=ns.profile,
@@ -338,7 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warmup", type=int, default=5, help="train: untimed steps first")
     bench.add_argument(
-        "--compile", action="store_true", help="train: torch.compile the whole model (train.compile)"
+        "--compile", action="store_true", help="train: torch.compile the model (train.compile)"
+    )
+    bench.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="train: torch.compile's mode with --compile (train.compile_mode); "
+        "reduce-overhead replays each step as CUDA graphs",
     )
     bench.add_argument("--device", default="cuda", help="train: cuda (default) or cpu")
     bench.add_argument(

@@ -26,6 +26,8 @@ from nsa_lab.kernels.nsa.spec import BRANCHES
 
 IMPLS = ("auto", "torch", "triton")
 STRATEGIES = ("auto", "ddp", "fsdp")
+# torch.compile's modes (Inductor): reduce-overhead replays each step as CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Lightning's built-in accelerators this project can run on ("gpu" is Lightning's alias
 # for cuda); TPUs (XLA) are left out: the attention kernels are PyTorch and Triton.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -120,6 +122,7 @@ class TrainConfig:
     max_steps: int = 1000
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     compile: bool = False  # torch.compile the model (see the README for the variants it covers)
+    compile_mode: str = "default"  # torch.compile's mode with compile=true (COMPILE_MODES)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -379,6 +382,7 @@ def _validate_train(t: DictConfig) -> None:
         ("precision", PRECISIONS),
         ("accelerator", ACCELERATORS),
         ("strategy", STRATEGIES),
+        ("compile_mode", COMPILE_MODES),
     ):
         _require(t[key] in allowed, f"train.{key}", t[key], f"must be one of {list(allowed)}")
     parse_devices(t.devices)

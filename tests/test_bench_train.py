@@ -27,7 +27,7 @@ TINY = (
 
 
 def test_measure_trains_the_configured_model_and_reports_its_step():
-    bench = StepBench("nsa", 64, batch=2, steps=2, warmup=1, compile=False, overrides=TINY,
+    bench = StepBench("nsa", 64, batch=2, steps=2, warmup=1, compile_mode=None, overrides=TINY,
                       device="cpu")  # fmt: skip
     result = measure(bench)
     assert result.params > 0

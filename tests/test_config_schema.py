@@ -50,6 +50,7 @@ BAD_VALUES: dict[str, tuple[str, tuple[str, ...]]] = {
     "train.max_steps": ("0", ()),
     "train.accumulate": ("0", ()),
     "train.compile": ("maybe", ()),
+    "train.compile_mode": ("fastest", ()),
     "train.lr": ("0", ()),
     "train.min_lr_ratio": ("1.5", ()),
     "train.weight_decay": ("-0.1", ()),

@@ -293,7 +293,7 @@ def run_kernel_bench(lengths: Sequence[int], correctness_len: int = 4096) -> str
             batch=1,
             steps=10,
             warmup=3,
-            compile_model=False,
+            compile_mode=None,
             overrides=SMALL_STEP_MODEL,
         )
     )

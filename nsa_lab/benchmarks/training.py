@@ -51,7 +51,7 @@ class StepBench:
     batch: int
     steps: int
     warmup: int
-    compile: bool
+    compile_mode: str | None  # torch.compile's mode; None: eager
     overrides: tuple[str, ...] = ()
     device: str = "cuda"
     profile: bool = False
@@ -97,8 +97,8 @@ def measure(bench: StepBench) -> StepResult:
     cfg = bench_config(bench.variant, bench.seq_len, bench.overrides)
     torch.manual_seed(0)
     model = GQATransformer(cfg.model, cfg.attn, VOCAB_SIZE).to(device)
-    if bench.compile:
-        compile_model(model)
+    if bench.compile_mode is not None:
+        compile_model(model, mode=bench.compile_mode)
     # AdamW as `nsa-lab train` runs it: PyTorch's default (multi-tensor) implementation,
     # since the fused one does not let Lightning clip gradients under mixed precision.
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.train.weight_decay), lr=1e-4)
@@ -201,7 +201,7 @@ def run_train_bench(
     batch: int,
     steps: int,
     warmup: int,
-    compile_model: bool,
+    compile_mode: str | None,
     overrides: Sequence[str] = (),
     device: str = "cuda",
     profile: bool = False,
@@ -211,7 +211,7 @@ def run_train_bench(
     header = (
         f"Training steps: {', '.join(f'{k}={v}' for k, v in model.items())}; "
         f"vocabulary {VOCAB_SIZE}, "
-        f"bf16 autocast on a GPU, AdamW, compile={compile_model}; median of {steps} "
+        f"bf16 autocast on a GPU, AdamW, compile={compile_mode or 'off'}; median of {steps} "
         f"steps after {warmup}; each row in a fresh process. Device: {_device_name(device)}."
     )
     print(header, flush=True)
@@ -224,7 +224,7 @@ def run_train_bench(
                 batch,
                 steps,
                 warmup,
-                compile_model,
+                compile_mode,
                 tuple(overrides),
                 device,
                 profile,

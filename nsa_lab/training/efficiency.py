@@ -63,13 +63,16 @@ def check_compile(compile_model: bool, strategy: str) -> None:
         )
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> None:
+def compile_model(model: nn.Module, backend: str = "inductor", mode: str = "default") -> None:
     """Compile ``model`` in place (``nn.Module.compile``: parameter names, hence
     checkpoints, unchanged), with static shapes: a run sees few lengths (the curriculum's,
     the training length, evaluation prompts), each compiled once.
 
     ``backend`` is torch.compile's; tests use ``aot_eager`` (the same graph capture,
     forward and backward, without Inductor's code generation, which takes about a
-    minute on a small CPU).
+    minute on a small CPU). ``mode`` is Inductor's (``nsa_lab.config.COMPILE_MODES``):
+    ``reduce-overhead`` replays each compiled forward and backward as CUDA graphs, which
+    removes the host's cost per launch (NSA's step launches about 1,400 GPU ops, more
+    than the host issues in the time the GPU runs them; docs/benchmarks.md).
     """
-    model.compile(backend=backend, dynamic=False)
+    model.compile(backend=backend, dynamic=False, mode=mode if backend == "inductor" else None)

@@ -84,7 +84,7 @@ def train(
         # Counted now, from the whole model: under FSDP its weights become shards.
         flops_per_token(length)
     if cfg.train.compile:
-        compile_model(module.model)
+        compile_model(module.model, mode=cfg.train.compile_mode)
 
     ckpt_dir = Path(cfg.train.ckpt_dir) / cfg.tracking.run_name
     # The checkpoint tag lets `nsa-lab eval needle RUN_ID` find the weights.
