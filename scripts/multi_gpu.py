@@ -251,13 +251,15 @@ def scaling_jobs(
     seeds: Sequence[int],
     steps: int,
 ) -> list[Job]:
-    """Most GPUs first (they run alone), then the rest; the extra seeds (1-GPU DDP, for
-    the noise) last. A strategy on one GPU is its own baseline."""
+    """Row by row (model, then variant), so that a time budget that runs out drops whole
+    rows, never a row's 1-GPU baseline; in a row, most GPUs first (they run alone, and the
+    smaller runs then share the GPUs). The extra seeds (1-GPU DDP, for the noise) last. A
+    strategy on one GPU is its own baseline."""
     jobs = [
         Job(model, variant, strategy, k, steps=steps)
-        for k in sorted(counts, reverse=True)
         for model in models
         for variant in variants
+        for k in sorted(counts, reverse=True)
         for strategy in strategies
     ]
     noise = [

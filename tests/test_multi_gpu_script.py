@@ -19,7 +19,9 @@ spec.loader.exec_module(mg)
 def test_the_plan_runs_every_combination_most_gpus_first_and_extra_seeds_last():
     jobs = mg.scaling_jobs(["small"], ["full", "nsa"], ["ddp", "fsdp"], [1, 2, 4], [0, 1, 2], 50)
     scaling, noise = jobs[:12], jobs[12:]
-    assert [j.gpus for j in scaling] == [4] * 4 + [2] * 4 + [1] * 4
+    # Row by row: a row's runs (with its 1-GPU baselines) before the next row's.
+    assert [j.variant for j in scaling] == ["full"] * 6 + ["nsa"] * 6
+    assert [j.gpus for j in scaling] == [4, 4, 2, 2, 1, 1] * 2
     assert {(j.variant, j.strategy) for j in scaling if j.gpus == 2} == {
         ("full", "ddp"),
         ("full", "fsdp"),
