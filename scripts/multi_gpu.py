@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from nsa_lab.training.rank_watchdog import process_alive
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "multi_gpu"
 
@@ -676,15 +678,6 @@ def ckpt_step(path: Path) -> int | None:
         return None
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not); Linux."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def rank_pids(rank0: int) -> dict[int, int]:
     """``{rank: pid}`` of a run Lightning launched from ``rank0`` (its children, by the
     ``LOCAL_RANK`` they were started with; the rank watchdog is not one)."""
@@ -735,7 +728,7 @@ def kill_one(job: Job, victim: int, launch: Launch, gpus: list[int], s: Settings
     time.sleep(2)  # mid-run: past the checkpoint
     ranks = rank_pids(proc.pid)
     os.kill(ranks[victim], signal.SIGKILL)
-    gone = wait_for(lambda: not any(alive(p) for p in ranks.values()), wait_s)
+    gone = wait_for(lambda: not any(process_alive(p) for p in ranks.values()), wait_s)
     proc.poll()  # reap rank 0
     client = MlflowClient(tracking_uri=s.uri)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -743,7 +736,7 @@ def kill_one(job: Job, victim: int, launch: Launch, gpus: list[int], s: Settings
     run_id = run_id.info.run_id
     failed = wait_for(lambda: client.get_run(run_id).info.status == "FAILED", 120)
     for pid in ranks.values():  # whatever is left after the wait
-        if alive(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
     return {
         "victim": victim,

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nsa_lab.config import load_config
+from nsa_lab.training.rank_watchdog import process_alive
 from nsa_lab.training.run import train
 from tests.conftest import REPO, SMOKE
 
@@ -255,15 +256,6 @@ def test_fsdp_clips_decays_and_resumes_from_one_process_to_two_and_back(workdir:
     assert val_steps == [2, 5, 8]  # Lightning logs a validation at the step before it
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def _children(pid: int) -> dict[int, str]:
     """``{pid: command line}`` of the child processes of ``pid`` (Linux)."""
     found = {}
@@ -318,7 +310,7 @@ def test_a_killed_rank_stops_the_run_which_ends_failed_and_resumes(workdir: Path
         return client.get_run(run_id).info.status == "FAILED"
 
     _wait(failed, 30, "the run marked FAILED")
-    _wait(lambda: not _alive(watchdog[0]), 30, "the watchdog exits")
+    _wait(lambda: not process_alive(watchdog[0]), 30, "the watchdog exits")
 
     step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step >= 2

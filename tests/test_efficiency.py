@@ -24,7 +24,7 @@ from nsa_lab.training.efficiency import (
     peak_flops,
 )
 from nsa_lab.training.module import LanguageModel, StepLossMean
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, assert_no_host_sync
 
 VOCAB = 256
 
@@ -223,10 +223,4 @@ def test_a_training_step_never_waits_for_the_gpu(variant):
             logits = model(idx[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()).backward()
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)

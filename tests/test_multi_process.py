@@ -31,6 +31,7 @@ from nsa_lab.training.module import (
     optimizer_groups,
     optimizer_state_by_model_position,
 )
+from nsa_lab.training.rank_watchdog import process_alive
 from nsa_lab.training.run import make_strategy, served_lengths
 from tests.conftest import SMOKE
 
@@ -174,7 +175,7 @@ def test_the_watchdog_acts_only_when_rank_0_vanishes(tmp_path: Path, ends: str):
         watchdog = int(rank0.stdout.readline())
         if ends == "done":
             assert rank0.stdout.readline().strip() == "stopped"
-            assert not _running(watchdog)
+            assert not process_alive(watchdog)
             time.sleep(0.5)
             assert rank0.poll() is None and other_rank.poll() is None
             assert client.get_run(run_id).info.status == "RUNNING"
@@ -186,14 +187,6 @@ def test_the_watchdog_acts_only_when_rank_0_vanishes(tmp_path: Path, ends: str):
         for proc in (rank0, other_rank):
             proc.kill()
             proc.wait()
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _until(condition, timeout: float) -> None:

@@ -23,6 +23,7 @@ from nsa_lab.kernels.nsa.naive import nsa_reference  # noqa: E402
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams, combine_branches  # noqa: E402
 from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton  # noqa: E402
 from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton  # noqa: E402
+from tests.conftest import assert_no_host_sync  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 through tl.dot is exact-ish in the interpreter and tf32 on a GPU (METHOD.md: ~3e-4).
@@ -170,10 +171,4 @@ def test_forward_and_backward_never_wait_for_the_gpu():
         out = nsa_attention_triton(bf16["q"], bf16["gates"], params, **_tensors(bf16))
         out.float().square().sum().backward()
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 POLL_S = 0.2
 # How long rank 0 waits, at the end of training, for its watchdog to exit.
@@ -71,6 +72,15 @@ def wait_for_parent(parent: int, poll_s: float = POLL_S) -> bool:
             return sys.stdin.readline().strip() == "done"  # "" at EOF: the pipe closed
         if os.getppid() != parent:  # reparented: the parent died
             return False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not reaped, does not); Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def kill_ranks(pids: Sequence[int]) -> list[int]:
