@@ -146,7 +146,7 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
         batch=batches[0],
         steps=ns.steps,
         warmup=ns.warmup,
-        compile_mode=ns.compile_mode if ns.compile else None,
+        compile_mode=ns.compile_mode or ("default" if ns.compile else None),
         overrides=ns.overrides,
         device=ns.device,
         profile=ns.profile,
@@ -349,9 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--compile-mode",
-        default="default",
         choices=COMPILE_MODES,
-        help="train: torch.compile's mode with --compile (train.compile_mode); "
+        help="train: torch.compile's mode, implies --compile (train.compile_mode); "
         "reduce-overhead replays each step as CUDA graphs",
     )
     bench.add_argument("--device", default="cuda", help="train: cuda (default) or cpu")

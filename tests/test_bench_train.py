@@ -75,3 +75,22 @@ def test_bad_input_is_refused_before_any_run(argv, named, capsys):
     assert main(["bench", "train", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [
+        ([], None),
+        (["--compile"], "default"),
+        (["--compile-mode", "reduce-overhead"], "reduce-overhead"),  # implies --compile
+        (["--compile", "--compile-mode", "max-autotune"], "max-autotune"),
+    ],
+)
+def test_compile_flags_reach_the_bench(flags, mode, monkeypatch):
+    import nsa_lab.benchmarks.training as training
+
+    seen = {}
+    monkeypatch.setattr(training, "run_train_bench", lambda *a, **kw: seen.update(kw) or "")
+    argv = ["bench", "train", "--device", "cpu", "--lengths", "64", "--variants", "full"]
+    assert main([*argv, *flags]) == 0
+    assert seen["compile_mode"] == mode
