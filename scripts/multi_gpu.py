@@ -13,7 +13,7 @@ Every training is an ``nsa-lab train`` process writing to one MLflow store
     GPU, and the seed spread of the 1-GPU validation loss (``--seeds``).
 ``resume``: a 2-GPU FSDP checkpoint resumed on 1 GPU, and 1-GPU checkpoints resumed on
     2 GPUs (FSDP and DDP): one MLflow run each, FINISHED, logged at the steps of an
-    uninterrupted run.
+    uninterrupted run. Legs that ``--budget-s`` cannot hold are not started.
 ``kill``: SIGKILL one rank mid-run (``--ranks 1,0``: rank 1, then rank 0 of the resumed
     run): the seconds until every rank is gone and until the MLflow run is FAILED, then
     ``train.resume=true`` to the end.
@@ -587,6 +587,9 @@ def resume_chains(accelerator: str, model: str, variant: str, first: int) -> dic
 
 
 def cmd_resume(args: argparse.Namespace, s: Settings) -> int:
+    """Each chain's legs in turn; a leg starts only with ``--job-reserve-s`` left of
+    ``--budget-s``, so that the checks of the chains that ran are written even when the
+    budget cannot hold them all (a leg not started counts as ``None``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from mlflow.tracking import MlflowClient
@@ -596,6 +599,7 @@ def cmd_resume(args: argparse.Namespace, s: Settings) -> int:
     chains = {k: [replace(j, name=f"{j.name}-{s.session}") for j in v] for k, v in chains.items()}
     launch = launcher(s, range(29900, 30000), args.gpus)
     groups = max(1, args.gpus // 2)
+    deadline = time.monotonic() + args.budget_s
 
     def run_group(group: int) -> dict[str, list[int | None]]:
         codes: dict[str, list[int | None]] = {}
@@ -605,6 +609,9 @@ def cmd_resume(args: argparse.Namespace, s: Settings) -> int:
                 codes[name] = []
                 for leg in legs:
                     if codes[name] and codes[name][-1] != 0:
+                        break
+                    if deadline - time.monotonic() < args.job_reserve_s:
+                        codes[name].append(None)  # the budget cannot hold this leg
                         break
                     codes[name].append(launch(leg, gpus[: leg.gpus]).wait())
         return codes
@@ -619,7 +626,12 @@ def cmd_resume(args: argparse.Namespace, s: Settings) -> int:
         passed = codes.get(name) == [0] * len(legs) and all(checks.values())
         ok &= passed
         path = " -> ".join(f"{j.gpus} GPU {j.strategy} to step {j.steps}" for j in legs)
-        verdict = "pass" if passed else "FAIL: " + ", ".join(k for k, v in checks.items() if not v)
+        if None in codes.get(name, [None]):
+            verdict = "not run: the time budget ran out"
+        elif passed:
+            verdict = "pass"
+        else:
+            verdict = "FAIL: " + ", ".join(k for k, v in checks.items() if not v)
         rows.append(f"| {name} | {path} | {codes.get(name)} | {verdict} |")
         records.append(
             {
@@ -829,12 +841,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="1-GPU seeds for the noise (0,1,2)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--budget-s", type=float, default=540, help="scaling: wall-clock limit")
+    parser.add_argument(
+        "--budget-s", type=float, default=540, help="scaling, resume: wall-clock limit"
+    )
     parser.add_argument(
         "--job-reserve-s",
         type=float,
         default=60,
-        help="scaling: no run starts with less time left than this",
+        help="scaling, resume: no run starts with less time left than this",
     )
     parser.add_argument("--strategy", default="ddp", help="kill: ddp or fsdp")
     parser.add_argument("--kill-gpus", type=int, default=2, help="kill: GPUs of the run")
