@@ -26,7 +26,8 @@ from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton  # noqa: E402
 from tests.conftest import assert_no_host_sync  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# fp32 through tl.dot is exact-ish in the interpreter and tf32 on a GPU (METHOD.md: ~3e-4).
+# float32 dots are true fp32 everywhere (triton_tuning.dot_precision); the GPU bound dates from
+# when they were TF32 there and has not been re-checked tighter on a GPU.
 TOL = 5e-3 if DEVICE == "cuda" else 1e-3
 SUBSETS = [c for r in (1, 2, 3) for c in itertools.combinations(BRANCHES, r)]
 

@@ -32,7 +32,9 @@ from nsa_lab.kernels.nsa.triton_selection import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 5e-3 if DEVICE == "cuda" else 1e-3  # fp32 tl.dot is tf32 on a GPU
+# float32 dots are true fp32 everywhere (triton_tuning.dot_precision); the GPU bound dates from
+# when they were TF32 there and has not been re-checked tighter on a GPU.
+TOL = 5e-3 if DEVICE == "cuda" else 1e-3
 L, D = 8, 4  # compression block length and stride
 POISON_INDEX = 77
 
