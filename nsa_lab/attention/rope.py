@@ -1,7 +1,8 @@
 """Rotary position embeddings (rotate-half layout, as in GPT-NeoX and Llama).
 
-The model builds the tables once per forward and hands them to every layer, so
-layers never recompute trigonometry.
+The model builds the tables once, for every position up to ``model.max_seq_len``, keeps
+them as buffers that move with it, and hands each forward's rows to every layer, so no
+layer (and no compiled graph) recomputes trigonometry.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ import torch
 def rope_tables(
     head_dim: int, seq_len: int, theta: float, device: torch.device | str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)``, each ``[seq_len, head_dim // 2]``; angles computed in float64.
-
-    Built on ``device`` itself: tables built on the host and copied over would make every
-    forward wait for the GPU to drain (a synchronous copy from pageable memory), and
-    would put host ops in a compiled graph, which then cannot be replayed as a CUDA graph.
-    """
+    """``(cos, sin)``, each ``[seq_len, head_dim // 2]`` on ``device``, in ``dtype``;
+    angles computed in float64 (float32 on MPS, which has no float64)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     device = torch.device(device)

@@ -79,13 +79,24 @@ class GQATransformer(nn.Module):
     def __init__(self, model_cfg, attn_cfg, vocab_size: int) -> None:
         super().__init__()
         self.max_seq_len = model_cfg.max_seq_len
-        self.head_dim = model_cfg.head_dim
-        self.rope_theta = model_cfg.rope_theta
         self.embed = nn.Embedding(vocab_size, model_cfg.d_model)
         self.blocks = nn.ModuleList(Block(model_cfg, attn_cfg) for _ in range(model_cfg.n_layers))
         self.norm = nn.RMSNorm(model_cfg.d_model)
         self.head = nn.Linear(model_cfg.d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # weight tying
+        # Rotary tables of every position, built once in the parameters' dtype. Computed
+        # inside each forward, a compiled graph fuses the float64 trigonometry into every
+        # layer's rotation and recomputes it per element (a tenth of a compiled 8k step).
+        # Non-persistent: they move and cast with the model but stay out of checkpoints.
+        cos, sin = rope_tables(
+            model_cfg.head_dim,
+            self.max_seq_len,
+            model_cfg.rope_theta,
+            "cpu",
+            torch.get_default_dtype(),
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init of residual output projections keeps the residual
         # stream's variance independent of depth.
@@ -121,7 +132,7 @@ class GQATransformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.embed(idx)
         if cache is None:
-            cos, sin = rope_tables(self.head_dim, T, self.rope_theta, x.device, x.dtype)
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             for block in self.blocks:
                 x = block(x, cos, sin)
         else:
@@ -148,7 +159,7 @@ class GQATransformer(nn.Module):
                 f"max_len={max_len} must be in 1..model.max_seq_len={self.max_seq_len}"
             )
         layers = [block.attn.new_cache(max_len) for block in self.blocks]
-        cos, sin = rope_tables(self.head_dim, max_len, self.rope_theta, device, dtype)
+        cos, sin = (table[:max_len].to(device, dtype) for table in (self.rope_cos, self.rope_sin))
         return ModelCache(layers, cos, sin)
 
     @torch.no_grad()
