@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -79,3 +80,25 @@ def test_warmup_then_cosine_to_the_floor():
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("bf16-mixed", True), ("16-mixed", False)])
+def test_adamw_is_fused_unless_gradients_are_scaled_and_fused_steps_are_clipped(
+    precision, fused, tmp_path
+):
+    """A fused AdamW Lightning would refuse to clip; the module clips it itself."""
+    cfg = load_config([SMOKE], [f"train.precision={precision}", "train.grad_clip=0.001"])
+    module = LanguageModel(dict(cfg), VOCAB)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is fused
+    if not fused:
+        return  # 16-mixed needs a GPU; Lightning's own clipping serves it
+    idx = torch.randint(0, VOCAB, (2, 17))
+    batches = torch.utils.data.DataLoader([(idx[0, :-1], idx[0, 1:])] * 2, batch_size=2)
+    trainer = L.Trainer(
+        max_steps=1, gradient_clip_val=0.001, accelerator="cpu", precision=precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=batches)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 0.001 + 1e-6

@@ -90,7 +90,7 @@ def measure(bench: StepBench) -> StepResult:
     from nsa_lab.models import GQATransformer
     from nsa_lab.models.flops import training_flops_per_token
     from nsa_lab.training.efficiency import GIB, compile_model, device_peak_flops
-    from nsa_lab.training.module import next_token_loss, optimizer_groups
+    from nsa_lab.training.module import adamw, next_token_loss, optimizer_groups
 
     start = time.perf_counter()
     device = torch.device(bench.device)
@@ -99,9 +99,9 @@ def measure(bench: StepBench) -> StepResult:
     model = GQATransformer(cfg.model, cfg.attn, VOCAB_SIZE).to(device)
     if bench.compile_mode is not None:
         compile_model(model, mode=bench.compile_mode)
-    # AdamW as `nsa-lab train` runs it: PyTorch's default (multi-tensor) implementation,
-    # since the fused one does not let Lightning clip gradients under mixed precision.
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.train.weight_decay), lr=1e-4)
+    # AdamW as `nsa-lab train` runs it under bf16 autocast.
+    groups = optimizer_groups(model, cfg.train.weight_decay)
+    optimizer = adamw(groups, "bf16-mixed", lr=1e-4)
     tokens = torch.randint(0, VOCAB_SIZE, (bench.batch, bench.seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
