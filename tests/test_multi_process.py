@@ -128,7 +128,7 @@ def test_elsewhere_gradients_clip_as_lightning_clips_them(monkeypatch):
     module = LanguageModel(dict(load_config([SMOKE])), VOCAB)
     calls = []
     monkeypatch.setattr(module, "clip_gradients", lambda *a, **kw: calls.append((a, kw)))
-    optimizer = MagicMock()
+    optimizer = MagicMock(defaults={"fused": False})  # fused ones: tests/test_model.py
     attached(module, module).configure_gradient_clipping(optimizer, 0.5, "norm")
     assert calls == [((optimizer,), {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"})]
 
