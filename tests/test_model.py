@@ -102,3 +102,12 @@ def test_adamw_is_fused_unless_gradients_are_scaled_and_fused_steps_are_clipped(
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 0.001 + 1e-6
+
+
+def test_rotary_tables_are_built_once_and_stay_out_of_checkpoints():
+    """The tables are buffers (they move and cast with the model) that checkpoints from
+    before them, and after, neither hold nor expect."""
+    model = tiny_model("full")
+    assert not [key for key in model.state_dict() if "rope" in key]
+    model.load_state_dict(model.state_dict(), strict=True)
+    assert model.double().rope_cos.dtype == torch.float64
