@@ -312,7 +312,11 @@ def test_a_killed_rank_stops_the_run_which_ends_failed_and_resumes(workdir: Path
     _wait(failed, 30, "the run marked FAILED")
     _wait(lambda: not process_alive(watchdog[0]), 30, "the watchdog exits")
 
-    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    # Resume takes the newest checkpoint: rank 0's on_exception.ckpt when it finished a
+    # step after the last periodic one before it saw rank 1 gone.
+    written = [p for p in last.parent.glob("*.ckpt") if not p.name.startswith(".")]
+    newest = max(written, key=lambda p: p.stat().st_mtime)
+    step = torch.load(newest, map_location="cpu", weights_only=True)["global_step"]
     assert step >= 2
     probe = Probe()
     resumed = train(
