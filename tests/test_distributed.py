@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from nsa_lab.config import load_config
 from nsa_lab.training.rank_watchdog import process_alive
-from nsa_lab.training.run import train
+from nsa_lab.training.run import newest_checkpoint, train
 from tests.conftest import REPO, SMOKE
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import lightning as L
     from nsa_lab.config import load_config
-    from nsa_lab.training.run import train
+    from nsa_lab.training.run import newest_checkpoint, train
 
     class RecordBatches(L.Callback):
         '''Writes the first tokens of every batch this rank trained on, and this rank's own
@@ -314,8 +314,7 @@ def test_a_killed_rank_stops_the_run_which_ends_failed_and_resumes(workdir: Path
 
     # Resume takes the newest checkpoint: rank 0's on_exception.ckpt when it finished a
     # step after the last periodic one before it saw rank 1 gone.
-    written = [p for p in last.parent.glob("*.ckpt") if not p.name.startswith(".")]
-    newest = max(written, key=lambda p: p.stat().st_mtime)
+    newest = newest_checkpoint(last.parent, "*.ckpt")
     step = torch.load(newest, map_location="cpu", weights_only=True)["global_step"]
     assert step >= 2
     probe = Probe()

@@ -138,6 +138,18 @@ def train(
     )
 
 
+def newest_checkpoint(root: Path, pattern: str) -> Path | None:
+    """The most recently written checkpoint matching ``pattern`` under ``root``, if any.
+
+    Hidden files are checkpoints being written (see ``nsa_lab.files.write_atomic``).
+    """
+    found = sorted(
+        (p for p in root.glob(pattern) if not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return found[-1] if found else None
+
+
 def resolve_resume(cfg: DictConfig) -> str | None:
     """The checkpoint ``train.resume`` points at (None for a fresh run); sets the run name.
 
@@ -152,16 +164,11 @@ def resolve_resume(cfg: DictConfig) -> str | None:
         return None
     if resume.lower() in RESUME_LATEST:
         pattern = f"{cfg.tracking.run_name}/*.ckpt" if cfg.tracking.run_name else "*/*.ckpt"
-        # Hidden files are checkpoints being written (see nsa_lab.files.write_atomic).
-        found = sorted(
-            (p for p in root.glob(pattern) if not p.name.startswith(".")),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not found:
+        path = newest_checkpoint(root, pattern)
+        if path is None:
             raise ConfigError(
                 "train.resume", cfg.train.resume, f"no checkpoint matches {root / pattern}"
             )
-        path = found[-1]
     else:
         path = Path(resume)
         if not path.is_file():
