@@ -1,7 +1,7 @@
 """The Triton NSA decoding step against ``torch_decode``, the PyTorch step it replaces.
 
-Each kernel on its own (attention over all given keys, which serves cmp and win; the
-group-centric selection kernel), then the whole step at positions that cross the
+The block choice on its own (the scoring kernel's top-n against
+``selected_blocks_decode``), then the whole step at positions that cross the
 compression (l=8, stride 4), selection and window (w=12) boundaries, for every branch
 subset. Caches are built consistently: raw keys for positions ``0..t`` (NaN after ``t``,
 which no branch may read), the compressed blocks completed by ``t``, and the window's
@@ -27,9 +27,8 @@ from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams  # noqa: E402
 from nsa_lab.kernels.nsa.triton_decode import (  # noqa: E402
     MIN_SPLIT_KEYS,
     _splits,
-    attend_keys_triton,
     nsa_decode_step_triton,
-    selection_decode_triton,
+    selected_blocks_triton,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,51 +86,34 @@ def test_splits_cover_every_item_and_none_is_empty(programs):
         for least in (1, 4, MIN_SPLIT_KEYS):
             per_split, splits = _splits(n_items, programs, least)
             assert (splits - 1) * per_split < n_items <= splits * per_split
+    assert _splits(0, programs, 4) == (0, 0)
+
+
+# (batch, groups, heads per group, Dk, l_sel, n, t, force_init_local)
+SELECTION_CASES = [
+    (2, 2, 4, 16, 8, 3, 5, True),  # no compressed block yet: only forced blocks score
+    (1, 1, 1, 8, 8, 6, 21, True),  # more slots than visible blocks: -1 padded
+    (3, 2, 4, 24, 16, 4, 70, False),
+    (1, 2, 16, 64, 8, 5, 137, True),  # 33 compressed blocks: score tiles and cmp splits
+    (2, 1, 3, 16, 4, 7, 90, True),  # l_sel < l: a compressed block spans three blocks
+]
 
 
 @pytest.mark.parametrize(
-    ("b", "g", "hpg", "dk", "dv", "n_keys"),
-    [
-        (2, 2, 4, 16, 16, 0),  # no compressed block yet: o = 0, lse = -inf
-        (1, 1, 1, 8, 8, 1),
-        (3, 2, 4, 24, 40, 13),
-        (1, 2, 16, 64, 64, 40),  # two splits, the second one's last tile partial
-        (3, 1, 4, 128, 32, 100),  # four splits
-    ],
+    ("b", "g", "hpg", "dk", "l_sel", "n", "t", "force"),
+    SELECTION_CASES,
+    ids=[f"b{c[0]}g{c[1]}hpg{c[2]}lsel{c[4]}n{c[5]}t{c[6]}" for c in SELECTION_CASES],
 )
-def test_attend_keys_matches_compression_decode(poisoned, b, g, hpg, dk, dv, n_keys):
-    torch.manual_seed(n_keys * 10 + hpg)
-    q = randn(b, g * hpg, dk, pad_last=5)
-    k = torch.randn(b, g, n_keys, dk, device=DEVICE).transpose(1, 2)  # groups outermost
-    v = randn(b, n_keys, g, dv, pad_last=2)
-    o, lse = attend_keys_triton(q, k, v, scale=0.3)
-    o_ref, lse_ref = torch_decode.compression_decode(q, k, v, 0.3)
-    assert o.shape == o_ref.shape and o.dtype == q.dtype and lse.dtype == torch.float32
-    close(o, o_ref)
-    close(lse, lse_ref)
-
-
-@pytest.mark.parametrize(
-    ("b", "g", "hpg", "dk", "dv", "l_sel", "n", "t"),
-    [
-        (2, 2, 4, 16, 16, 8, 6, 37),  # two splits of slots
-        (1, 1, 16, 24, 8, 16, 3, 20),  # the query's block partial
-        (3, 2, 1, 64, 32, 8, 9, 70),  # three splits
-    ],
-)
-def test_selection_kernel_matches_selection_decode(poisoned, b, g, hpg, dk, dv, l_sel, n, t):
-    torch.manual_seed(t)
-    q = randn(b, g * hpg, dk, pad_last=1)
-    k, v = randn(b, t + 3, g, dk), randn(b, t + 3, g, dv, pad_last=2)
-    k[:, t + 1 :], v[:, t + 1 :] = math.nan, math.nan
-    n_blocks = t // l_sel + 1
-    scores = torch.rand(b, g, n_blocks, device=DEVICE)
-    indices = torch_decode.block_order(scores, t, l_sel, n, force_init_local=True)
-    indices[0, 0] = -1  # a group that selected nothing: its heads get 0
-    indices = indices.gather(-1, torch.rand(indices.shape, device=DEVICE).argsort(-1))
-    o = selection_decode_triton(q, k, v, indices.int(), l_sel, t, scale=0.2)
-    close(o, torch_decode.selection_decode(q, k, v, indices, l_sel, t, 0.2))
-    assert torch.all(o[0, :hpg] == 0)
+def test_selected_blocks_match_torch(poisoned, b, g, hpg, dk, l_sel, n, t, force):
+    """The scoring kernel picks the blocks ``selected_blocks_decode`` picks, in its order."""
+    torch.manual_seed(t + n)
+    params = NSAParams(l=L, d=D, l_sel=l_sel, n=n, w=W, force_init_local=force)
+    q = randn(b, g * hpg, dk, pad_last=2)
+    kc = randn(b, torch_decode.compressed_blocks_done(t, L, D), g, dk)
+    indices = selected_blocks_triton(q, kc, params, t, scale=0.4)
+    expected = torch_decode.selected_blocks_decode(q, kc, None, params, t, 0.4)
+    assert indices.dtype == torch.int32
+    assert torch.equal(indices.long(), expected)
 
 
 # (batch, groups, heads per group, Dk, Dv, l_sel, n, t, force_init_local)
@@ -179,7 +161,7 @@ def test_refuses_to_run_where_a_gradient_is_expected():
     with pytest.raises(RuntimeError, match="inference only"):
         nsa_decode_step_triton(q.requires_grad_(), gates, params, 9, **caches)
     with pytest.raises(RuntimeError, match="inference only"):
-        attend_keys_triton(q, caches["k_win"], caches["v_win"], scale=0.25)
+        selected_blocks_triton(q, caches["k_win"], params, 9)
     with torch.no_grad():
         assert not nsa_decode_step_triton(q, gates, params, 9, **caches).requires_grad
 

@@ -1,39 +1,42 @@
 """One NSA decoding step through Triton kernels: same function as ``torch_decode.nsa_decode_step``.
 
 A decoding step has one query position per sequence, so there is almost no arithmetic:
-the cost is loading keys and values. The paper's decoding claim is about exactly that,
-the keys a step loads (compressed blocks + ``n`` selected blocks of ``l_sel`` + the
-``w`` window keys instead of all ``t + 1``), and the kernels are shaped to load each of
-them once per kv group:
+the cost is loading keys and values, and at the paper's sizes those loads (about 11 MB
+per sequence at 64k) take a few microseconds, less than a chain of PyTorch operations
+spends launching. So the step is four launches with nothing between them, no host
+synchronisation and shapes fixed by ``t`` (a CUDA graph can capture it):
 
-- every program holds all ``H/G`` query heads of one kv group as the rows of its tiles
-  (padded to at least :data:`MMA_ROWS`, the rows ``tl.dot`` needs; padding rows are
-  masked), so a key tile is read once for the whole group, not once per head;
-- :func:`attend_keys_triton`, attention over all the given keys: the cmp branch (every
-  cached compressed block is visible at ``t``) and the win branch (the window cache
-  holds exactly the visible keys, in any order). Grid ``(splits, B*G)``: with one query
-  per sequence, ``B*G`` programs alone would leave most of a GPU idle at small batch, so
-  long key ranges are cut into splits ("flash-decoding"), each writes its normalised
-  output and log-sum-exp, and a small merge kernel combines them;
-- :func:`selection_decode_triton`, the group-centric selection kernel: the group's
-  selected blocks (shared by its heads) are loaded once, ``l_sel`` keys from
-  ``block * l_sel``, masked past ``t`` and for empty (-1) slots; split over the slots
-  the same way;
-- block scoring and top-n stay in PyTorch (``torch_decode.selected_blocks_decode``,
-  fed the cmp kernel's log-sum-exp): ``[B, H, Nc]`` probabilities per step are small;
-- the gated sum is :func:`~.triton_gates.gated_sum_triton`, one launch.
+1. :func:`_cmp_window_kernel`, grid ``(cmp splits + win splits, B*G)``: attention over
+   the compressed cache (every cached block is visible at ``t``) and over the window
+   cache (exactly the visible keys, in any order), each cut into splits
+   ("flash-decoding": with one query per sequence, ``B*G`` programs alone would leave
+   most of a GPU idle). Every split writes its normalised output and log-sum-exp; the
+   compression splits also write the group's scaled logits, which score the selection.
+2. :func:`_select_blocks_kernel`, grid ``(B*G,)``: the compression log-sum-exp merged
+   from its splits, the probabilities summed over the group's heads, spread onto the
+   selection blocks by the spec's overlap counts (at most ``l'/d + l/d - 1``
+   compressed blocks touch a selection block), forced blocks first, then the top ``n``
+   by repeated arg-max in registers (ties to the lower index): int32 ``[B,G,n]``.
+3. :func:`_selection_kernel`, grid ``(slc splits, B*G)``: the group's selected blocks,
+   ``l'`` keys from ``block * l'``, masked past ``t`` and for empty (-1) slots.
+4. :func:`_combine_kernel`, grid ``(B*H,)``: each branch's splits merged by their
+   log-sum-exps, weighed by its gate and summed, in float32.
 
-Softmax runs in base 2 with the scale folded in and accumulates in float32; float32
-inputs get true fp32 dots (``ieee``). Head dims are padded to powers of two (at least
-16) and masked. Nothing waits for the GPU: split counts come from shapes, never data.
+Every attention program holds all ``H/G`` query heads of one kv group as the rows of its
+tiles (padded to at least :data:`MMA_ROWS`, the rows ``tl.dot`` needs), so a key tile is
+read once for the whole group, not once per head. Softmax runs in base 2 with the scale
+folded in and accumulates in float32; float32 inputs get true fp32 dots (``ieee``).
+Head dims are padded to powers of two (at least 16) and masked.
 
-Inference only: there is no backward, and :func:`nsa_decode_step_triton` raises rather
-than return a result that silently lacks gradients.
+Inference only: there is no backward, and the functions here raise rather than return
+a result that silently lacks gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,26 +44,29 @@ import triton.language as tl
 
 from nsa_lab.kernels.nsa.spec import (
     NSAParams,
+    check_gates,
     heads_per_group,
     kernel_dtype,
-    run_branches,
     softmax_scale,
 )
-from nsa_lab.kernels.nsa.torch_decode import selected_blocks_decode
-from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton
 from nsa_lab.kernels.nsa.triton_tuning import autotune, dot_precision, interpreted
 
 LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
-# Rows of every tile (the group's heads, padded): the least M a tl.dot takes.
+_LOG2E = tl.constexpr(LOG2E)
+# Rows of every attention tile (the group's heads, padded): the least M a tl.dot takes.
 MMA_ROWS = 16
 # Programs that keep a large GPU busy (H100: 132 SMs, two programs each); splits stop there.
 BUSY_PROGRAMS = 264
 # Keys a split holds at least, so that its merge costs little next to its loads. Under the
 # interpreter (no speed to win) splits are small, so tiny tests cross split boundaries.
 MIN_SPLIT_KEYS = 32 if interpreted() else 256
+# Compressed blocks the scoring kernel sums per tile (a tile is ``[heads, BLOCK_C]``).
+SCORE_TILE = 16 if interpreted() else 256
+# Splits the combine kernel merges per tile.
+COMBINE_TILE = 16
 # Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU and the interpreter's
-# one. Both kernels are bound by loads in flight; the key tile is the only tile size.
+# one. Both attention kernels are bound by loads in flight; the key tile is the only size.
 _KEY_CANDIDATES = [({"BLOCK_N": 64}, 4, 2), ({"BLOCK_N": 128}, 4, 3)]
 _INTERPRETER_KEYS = ({"BLOCK_N": 16}, 4, 1)
 _SELECTION_CANDIDATES = [({}, 4, 2), ({}, 2, 3)]
@@ -90,84 +96,24 @@ def nsa_decode_step_triton(
     """
     caches = {"kc": kc, "vc": vc, "k_slc": k_slc, "v_slc": v_slc, "k_win": k_win, "v_win": v_win}
     _refuse_autograd(q, gates, *caches.values())
-    scale = softmax_scale(q, scale)
-    dtype = kernel_dtype(q)
-    caches = {name: None if x is None else x.to(dtype) for name, x in caches.items()}
-    o = run_branches(
-        q.to(dtype),
-        gates,
-        params,
-        compression=lambda q, kc, vc: attend_keys_triton(q, kc, vc, scale),
-        selection=lambda q, kc, lse, k, v: selection_decode_triton(
-            q, k, v, selected_blocks_decode(q, kc, lse, params, t, scale), params.l_sel, t, scale
-        ),
-        window=lambda q, k, v: attend_keys_triton(q, k, v, scale)[0],
-        combine=_gated_sum,
-        **caches,
-    )
-    return o.to(q.dtype)
+    check_gates(gates, params.branches)
+    step = _Step.plan(q, params, t, softmax_scale(q, scale), caches)
+    step.attend_cmp_and_window()
+    if "slc" in params.branches:
+        step.attend_selection(step.select_blocks())
+    return step.combine(gates, q.dtype)
 
 
-def attend_keys_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q [B,H,Dk]`` over every key of ``k [B,S,G,Dk]``, ``v [B,S,G,Dv]``.
-
-    Returns ``o [B,H,Dv]`` in ``q``'s dtype and ``lse [B,H]`` (float32, natural log);
-    no keys give ``o = 0`` and ``lse = -inf`` without a launch. Same function as
-    ``torch_decode.compression_decode``; inference only, as every function here.
-    """
-    _refuse_autograd(q, k, v)
-    b, h, _ = q.shape
-    n_groups, n_keys = k.shape[2], k.shape[1]
-    hpg = heads_per_group(q[:, None], k)
-    if n_keys == 0:
-        lse = torch.full((b, h), -math.inf, dtype=torch.float32, device=q.device)
-        return q.new_zeros(b, h, v.shape[-1]), lse
-    per_split, splits = _splits(n_keys, b * n_groups, MIN_SPLIT_KEYS)
-    o_parts, lse_parts = _partials(q, v.shape[-1], splits)
-    _attend_keys_kernel[(splits, b * n_groups)](
-        q, k, v, o_parts, lse_parts,
-        *q.stride(), *k.stride(), *v.stride(), *o_parts.stride(), *lse_parts.stride(),
-        n_groups, hpg, n_keys, per_split, scale * LOG2E,
-        **_dims(q, v, hpg),
-    )  # fmt: skip
-    return _merge(o_parts, lse_parts, q.dtype)
-
-
-def selection_decode_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indices: torch.Tensor,
-    l_sel: int,
-    t: int,
-    scale: float,
+def selected_blocks_triton(
+    q: torch.Tensor, kc: torch.Tensor, params: NSAParams, t: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Attention of the query at ``t`` over its group's selected blocks: ``[B,H,Dv]``.
-
-    ``k/v [B,S,G,D]`` with ``S > t``; ``indices [B,G,n]`` (any integer dtype) name
-    selection blocks, -1 for an empty slot, in any order. Keys past ``t`` are not
-    seen; a row that sees none gets 0. Same function as ``torch_decode.selection_decode``.
-    """
-    _refuse_autograd(q, k, v)
-    b, h, _ = q.shape
-    n_groups, n_slots = k.shape[2], indices.shape[-1]
-    hpg = heads_per_group(q[:, None], k)
-    if k.shape[1] <= t:
-        raise ValueError(f"the selection cache holds {k.shape[1]} positions, not past t={t}")
-    if n_slots == 0:
-        return q.new_zeros(b, h, v.shape[-1])
-    per_split, splits = _splits(n_slots, b * n_groups, max(1, MIN_SPLIT_KEYS // l_sel))
-    o_parts, lse_parts = _partials(q, v.shape[-1], splits)
-    _selection_kernel[(splits, b * n_groups)](
-        q, k, v, indices, o_parts, lse_parts,
-        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o_parts.stride(),
-        *lse_parts.stride(),
-        n_groups, hpg, n_slots, per_split, t, scale * LOG2E,
-        L_SEL=l_sel, BLOCK_L=_dim_block(l_sel), **_dims(q, v, hpg),
-    )  # fmt: skip
-    return _merge(o_parts, lse_parts, q.dtype)[0]
+    """The selection blocks of the query at ``t``, int32 ``[B,G,n]`` in rank order, -1
+    padded: what ``torch_decode.selected_blocks_decode`` computes, from ``kc`` alone."""
+    _refuse_autograd(q, kc)
+    scoring_only = dataclasses.replace(params, branches=("slc",))
+    step = _Step.plan(q, scoring_only, t, softmax_scale(q, scale), {"kc": kc})
+    step.attend_cmp_and_window()
+    return step.select_blocks()
 
 
 def _refuse_autograd(*tensors: torch.Tensor | None) -> None:
@@ -180,72 +126,195 @@ def _refuse_autograd(*tensors: torch.Tensor | None) -> None:
         )
 
 
-def _gated_sum(
-    outputs: dict[str, torch.Tensor], gates: torch.Tensor, branches: tuple[str, ...]
-) -> torch.Tensor:
-    """The fused gated-sum kernel on ``[B,1,H,*]`` views of the step's ``[B,H,*]`` tensors."""
-    views = {name: o[:, None] for name, o in outputs.items()}
-    return gated_sum_triton(views, gates[:, None], branches)[:, 0]
+@dataclass(frozen=True)
+class _Segment:
+    """One branch's run of splits along the partials' split axis."""
+
+    first: int
+    splits: int
+    per_split: int  # keys (cmp, win) or selection slots (slc) per split
+
+    @classmethod
+    def after(
+        cls, previous: _Segment | None, n_items: int, programs: int, min_per_split: int
+    ) -> _Segment:
+        """The segment that follows ``previous`` and splits ``n_items`` (:func:`_splits`)."""
+        per_split, splits = _splits(n_items, programs, min_per_split)
+        first = 0 if previous is None else previous.first + previous.splits
+        return cls(first, splits, per_split)
 
 
 def _splits(n_items: int, programs: int, min_per_split: int) -> tuple[int, int]:
     """``(items per split, splits)`` for ``programs`` (batch, group) pairs.
 
     Enough splits to make :data:`BUSY_PROGRAMS` programs, but at most one per
-    ``min_per_split`` items; every split holds at least one item.
+    ``min_per_split`` items; every split holds at least one item (no items: no split).
     """
+    if n_items == 0:
+        return 0, 0
     wanted = min(triton.cdiv(n_items, min_per_split), triton.cdiv(BUSY_PROGRAMS, programs))
     per_split = triton.cdiv(n_items, max(1, wanted))
     return per_split, triton.cdiv(n_items, per_split)
 
 
-def _partials(q: torch.Tensor, dv: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-split outputs ``[B,H,splits,Dv]`` and log-sum-exps ``[B,H,splits]``.
+@dataclass
+class _Step:
+    """One step's inputs in the kernels' dtype, its split plan and its partial results:
+    ``o_parts [B,H,splits,Dv]`` and ``lse_parts [B,H,splits]`` (float32, natural log),
+    cmp splits first, then win, then slc; ``logits [B,H,Nc]`` (log2 units) for scoring."""
 
-    A single split is already the answer, so it is written in ``q``'s dtype; several
-    are kept in float32 for the merge.
-    """
-    b, h, _ = q.shape
-    dtype = q.dtype if splits == 1 else torch.float32
-    o = torch.empty(b, h, splits, dv, dtype=dtype, device=q.device)
-    lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
-    return o, lse
+    q: torch.Tensor
+    caches: dict[str, torch.Tensor]
+    params: NSAParams
+    t: int
+    scale: float
+    n_groups: int
+    cmp: _Segment
+    win: _Segment
+    slc: _Segment
+    o_parts: torch.Tensor
+    lse_parts: torch.Tensor
+    logits: torch.Tensor
 
+    @classmethod
+    def plan(
+        cls,
+        q: torch.Tensor,
+        params: NSAParams,
+        t: int,
+        scale: float,
+        caches: dict[str, torch.Tensor | None],
+    ) -> _Step:
+        dtype = kernel_dtype(q)
+        present = {name: x.to(dtype) for name, x in caches.items() if x is not None}
+        keys = next(present[n] for n in ("kc", "k_slc", "k_win") if n in present)
+        heads_per_group(q[:, None], keys)  # rejects a bad GQA split
+        b, h, _ = q.shape
+        n_groups, programs = keys.shape[2], b * keys.shape[2]
+        dv = next((x.shape[-1] for n, x in present.items() if n.startswith("v")), q.shape[-1])
+        if "k_slc" in present and present["k_slc"].shape[1] <= t:
+            raise ValueError(
+                f"the selection cache holds {present['k_slc'].shape[1]} positions, not past t={t}"
+            )
+        n_cmp = present["kc"].shape[1] if params.scores_selection else 0
+        n_win = present["k_win"].shape[1] if "win" in params.branches else 0
+        n_slots = params.n if "k_slc" in present else 0
+        cmp = _Segment.after(None, n_cmp, programs, MIN_SPLIT_KEYS)
+        win = _Segment.after(cmp, n_win, programs, MIN_SPLIT_KEYS)
+        slc = _Segment.after(win, n_slots, programs, max(1, MIN_SPLIT_KEYS // params.l_sel))
+        splits = slc.first + slc.splits
+        scoring = n_cmp if "slc" in params.branches else 0
+        return cls(
+            q=q.to(dtype),
+            caches=present,
+            params=params,
+            t=t,
+            scale=scale,
+            n_groups=n_groups,
+            cmp=cmp,
+            win=win,
+            slc=slc,
+            o_parts=torch.empty(b, h, splits, dv, dtype=torch.float32, device=q.device),
+            lse_parts=torch.empty(b, h, splits, dtype=torch.float32, device=q.device),
+            logits=torch.empty(b, h, scoring, dtype=torch.float32, device=q.device),
+        )
 
-def _merge(
-    o_parts: torch.Tensor, lse_parts: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o [B,H,Dv], lse [B,H])`` from the splits' partial results."""
-    b, h, splits, dv = o_parts.shape
-    if splits == 1:
-        return o_parts[:, :, 0], lse_parts[:, :, 0]
-    o = torch.empty(b, h, dv, dtype=dtype, device=o_parts.device)
-    lse = torch.empty(b, h, dtype=torch.float32, device=o_parts.device)
-    _merge_kernel[(b * h,)](
-        o_parts, lse_parts, o, lse,
-        *o_parts.stride(), *lse_parts.stride(), *o.stride(), *lse.stride(),
-        h, splits, dv,
-        SPLITS=triton.next_power_of_2(splits), BLOCK_DV=_dim_block(dv),
-    )  # fmt: skip
-    return o, lse
+    @property
+    def hpg(self) -> int:
+        return self.q.shape[1] // self.n_groups
+
+    def attend_cmp_and_window(self) -> None:
+        """Launch 1: the cmp and win splits' partials, and the logits that score slc."""
+        programs = self.cmp.splits + self.win.splits
+        if programs == 0:
+            return
+        # An absent cache is never read (its segment has no split): any tensor stands in.
+        stand_in = self.q[:, None]
+        kc = self.caches.get("kc", stand_in)
+        vc = self.caches.get("vc", kc)
+        kw = self.caches.get("k_win", kc)
+        vw = self.caches.get("v_win", vc)
+        b = self.q.shape[0]
+        _cmp_window_kernel[(programs, b * self.n_groups)](
+            self.q, kc, vc, kw, vw, self.logits, self.o_parts, self.lse_parts,
+            *self.q.stride(), *kc.stride(), *vc.stride(), *kw.stride(), *vw.stride(),
+            *self.logits.stride(), *self.o_parts.stride(), *self.lse_parts.stride(),
+            self.n_groups, self.hpg, kc.shape[1], self.cmp.per_split, self.cmp.splits,
+            kw.shape[1], self.win.per_split, self.scale * LOG2E,
+            CMP_VALUES="cmp" in self.params.branches,
+            WRITE_LOGITS=self.logits.shape[-1] > 0,
+            **self._dims(),
+        )  # fmt: skip
+
+    def select_blocks(self) -> torch.Tensor:
+        """Launch 2: the top-``n`` selection blocks, int32 ``[B,G,n]``, -1 padded."""
+        b, p = self.q.shape[0], self.params
+        n_cmp = self.logits.shape[-1]
+        n_sel = self.t // p.l_sel + 1
+        indices = torch.empty(b, self.n_groups, p.n, dtype=torch.int32, device=self.q.device)
+        probs = torch.empty(b, self.n_groups, n_cmp, dtype=torch.float32, device=self.q.device)
+        _select_blocks_kernel[(b * self.n_groups,)](
+            self.logits, self.lse_parts, probs, indices,
+            *self.logits.stride(), *self.lse_parts.stride(), *probs.stride(), *indices.stride(),
+            self.n_groups, self.hpg, n_cmp, self.cmp.splits, n_sel, p.n,
+            CMP_PER_SEL=p.l_sel // p.d, CMP_SPAN=p.l // p.d, FORCE=p.force_init_local,
+            HP=triton.next_power_of_2(self.hpg),
+            SPLITS=triton.next_power_of_2(max(1, self.cmp.splits)),
+            BLOCK_C=SCORE_TILE, NSEL_BLOCK=triton.next_power_of_2(n_sel),
+        )  # fmt: skip
+        return indices
+
+    def attend_selection(self, indices: torch.Tensor) -> None:
+        """Launch 3: the slc splits' partials over the group's selected blocks."""
+        if self.slc.splits == 0:
+            return
+        k, v = self.caches["k_slc"], self.caches["v_slc"]
+        o = self.o_parts[:, :, self.slc.first :]
+        lse = self.lse_parts[:, :, self.slc.first :]
+        b = self.q.shape[0]
+        _selection_kernel[(self.slc.splits, b * self.n_groups)](
+            self.q, k, v, indices, o, lse,
+            *self.q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(),
+            *lse.stride(),
+            self.n_groups, self.hpg, indices.shape[-1], self.slc.per_split, self.t,
+            self.scale * LOG2E,
+            L_SEL=self.params.l_sel, BLOCK_L=_dim_block(self.params.l_sel), **self._dims(),
+        )  # fmt: skip
+
+    def combine(self, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Launch 4: every branch merged over its splits, gated and summed: ``[B,H,Dv]``."""
+        b, h, _, dv = self.o_parts.shape
+        out = torch.empty(b, h, dv, dtype=dtype, device=self.q.device)
+        column = {name: c for c, name in enumerate(self.params.branches)}
+        segments = [
+            (segment.first, segment.splits, column.get(name, -1))
+            for name, segment in (("cmp", self.cmp), ("slc", self.slc), ("win", self.win))
+        ]
+        _combine_kernel[(b * h,)](
+            self.o_parts, self.lse_parts, gates, out,
+            *self.o_parts.stride(), *self.lse_parts.stride(), *gates.stride(), *out.stride(),
+            h, *(arg for segment in segments for arg in segment), dv,
+            CHUNK=COMBINE_TILE, BLOCK_DV=_dim_block(dv),
+        )  # fmt: skip
+        return out
+
+    def _dims(self) -> dict[str, int | str]:
+        """Compile-time sizes shared by both attention kernels, and the dot precision:
+        float32 inputs get exact fp32 products (tests compare at tight tolerances)."""
+        d_k, d_v = self.q.shape[-1], self.o_parts.shape[-1]
+        return {
+            "D_K": d_k,
+            "D_V": d_v,
+            "HP": max(MMA_ROWS, triton.next_power_of_2(self.hpg)),
+            "BLOCK_DK": _dim_block(d_k),
+            "BLOCK_DV": _dim_block(d_v),
+            "PRECISION": dot_precision(self.q.dtype),
+        }
 
 
 def _dim_block(dim: int) -> int:
     """A tile width: a power of two, at least 16 (``tl.dot``)."""
     return max(16, triton.next_power_of_2(dim))
-
-
-def _dims(q: torch.Tensor, v: torch.Tensor, hpg: int) -> dict[str, int | str]:
-    """Compile-time sizes shared by both attention kernels, and the dot precision: float32
-    inputs get exact fp32 products (tests compare at tight tolerances), others tensor cores."""
-    return {
-        "D_K": q.shape[-1],
-        "D_V": v.shape[-1],
-        "HP": max(MMA_ROWS, triton.next_power_of_2(hpg)),
-        "BLOCK_DK": _dim_block(q.shape[-1]),
-        "BLOCK_DV": _dim_block(v.shape[-1]),
-        "PRECISION": dot_precision(q.dtype),
-    }
 
 
 @triton.jit
@@ -272,13 +341,9 @@ def _group_queries(
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k, v, key_ok, qk_scale, PRECISION: tl.constexpr):
-    """Online-softmax update of ``(acc, m_i, l_i)`` (log2 units) by one key tile.
-
-    ``m_i`` starts finite, so a tile whose keys are all masked adds exactly nothing.
-    """
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    s = tl.where(key_ok[None, :], s, float("-inf"))
+def _online_softmax(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """Update ``(acc, m_i, l_i)`` (log2 units) by one tile of logits ``s`` (masked keys
+    ``-inf``) and its values. ``m_i`` starts finite, so an all-masked tile adds nothing."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -300,7 +365,7 @@ def _store_split(
     row = b * stride_ob + heads.to(tl.int64) * stride_oh + split * stride_os
     tl.store(
         o_ptr + row[:, None] + cols[None, :] * stride_od,
-        (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+        acc / l_safe[:, None],
         mask=head_ok[:, None] & (cols < D_V)[None, :],
     )
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
@@ -310,41 +375,141 @@ def _store_split(
 
 @autotune(_KEY_CANDIDATES, _INTERPRETER_KEYS, _TUNING_KEY)
 @triton.jit
-def _attend_keys_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+def _cmp_window_kernel(
+    q_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, s_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kg, stride_kd,
-    stride_vb, stride_vs, stride_vg, stride_vd,
+    stride_kcb, stride_kcs, stride_kcg, stride_kcd,
+    stride_vcb, stride_vcs, stride_vcg, stride_vcd,
+    stride_kwb, stride_kws, stride_kwg, stride_kwd,
+    stride_vwb, stride_vws, stride_vwg, stride_vwd,
+    stride_sb, stride_sh, stride_ss,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
-    n_groups, hpg, n_keys, keys_per_split, qk_scale,
+    n_groups, hpg, n_cmp, cmp_per_split, cmp_splits, n_win, win_per_split, qk_scale,
+    CMP_VALUES: tl.constexpr, WRITE_LOGITS: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, HP: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (split, batch, group): the group's heads against keys of one split, each key
-    tile loaded once for all of them."""
+    """One (split, batch, group): the group's heads against the keys of one cmp split
+    (programs ``< cmp_splits``) or one win split, each key tile loaded once for all heads.
+
+    A cmp split also writes its logits (log2 units) when they score the selection, and
+    reads no values when only the selection needs the compressed keys.
+    """
     split = tl.program_id(0)
     b, g, heads, head_ok, q = _group_queries(
         q_ptr, tl.program_id(1), n_groups, hpg, stride_qb, stride_qh, stride_qd, D_K, HP, BLOCK_DK
     )
-    k_base = k_ptr + b * stride_kb + g * stride_kg
-    v_base = v_ptr + b * stride_vb + g * stride_vg
+    is_cmp = split < cmp_splits
+    if is_cmp:
+        k_base = kc_ptr + b * stride_kcb + g * stride_kcg
+        v_base = vc_ptr + b * stride_vcb + g * stride_vcg
+        stride_ks, stride_kd, stride_vs, stride_vd = stride_kcs, stride_kcd, stride_vcs, stride_vcd
+        start = split * cmp_per_split
+        end = tl.minimum(start + cmp_per_split, n_cmp)
+    else:
+        k_base = kw_ptr + b * stride_kwb + g * stride_kwg
+        v_base = vw_ptr + b * stride_vwb + g * stride_vwg
+        stride_ks, stride_kd, stride_vs, stride_vd = stride_kws, stride_kwd, stride_vws, stride_vwd
+        start = (split - cmp_splits) * win_per_split
+        end = tl.minimum(start + win_per_split, n_win)
+    # Keys below these ends have their values read / their logits written (none: start).
+    values_end = end
+    if not CMP_VALUES:
+        values_end = tl.where(is_cmp, start, end)
+    logits_end = start
+    if WRITE_LOGITS:
+        logits_end = tl.where(is_cmp, end, start)
+    s_row = s_ptr + b * stride_sb + heads.to(tl.int64)[:, None] * stride_sh
     m_i = tl.full((HP,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((HP,), dtype=tl.float32)
     acc = tl.zeros((HP, BLOCK_DV), dtype=tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, n_keys)
     for tile_start in range(start, end, BLOCK_N):
         keys = tile_start + tl.arange(0, BLOCK_N)
         key_ok = keys < end
         k = _load_rows(k_base, keys, stride_ks, key_ok, D_K, stride_kd, BLOCK_DK)
-        v = _load_rows(v_base, keys, stride_vs, key_ok, D_V, stride_vd, BLOCK_DV)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, key_ok, qk_scale, PRECISION)
+        v = _load_rows(v_base, keys, stride_vs, keys < values_end, D_V, stride_vd, BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s_ok = head_ok[:, None] & (keys < logits_end)[None, :]
+        tl.store(s_row + keys[None, :] * stride_ss, s, mask=s_ok)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, PRECISION)
     _store_split(
         o_ptr, lse_ptr, acc, m_i, l_i, b, heads, head_ok, split,
         stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
         D_V, BLOCK_DV,
     )  # fmt: skip
+
+
+@triton.jit
+def _select_blocks_kernel(
+    s_ptr, lse_ptr, p_ptr, idx_ptr,
+    stride_sb, stride_sh, stride_ss,
+    stride_lb, stride_lh, stride_ls,
+    stride_pb, stride_pg, stride_pc,
+    stride_ib, stride_ig, stride_in,
+    n_groups, hpg, n_cmp, cmp_splits, n_sel, n_slots,
+    CMP_PER_SEL: tl.constexpr, CMP_SPAN: tl.constexpr, FORCE: tl.constexpr,
+    HP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, NSEL_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One (batch, group): its ``n_slots`` selection blocks, in rank order, -1 padded.
+
+    Compressed block ``i`` holds stride segments ``[i, i + CMP_SPAN)``, selection block
+    ``j`` holds ``[j * CMP_PER_SEL, (j + 1) * CMP_PER_SEL)``; the shared segments weigh
+    ``i``'s head-summed probability in ``j``'s score. The head sums go through
+    ``p_ptr`` (written, then read back by other threads of the program after a barrier).
+    """
+    pid = tl.program_id(0)
+    b = (pid // n_groups).to(tl.int64)
+    g = pid % n_groups
+    rows = tl.arange(0, HP)
+    head_ok = rows < hpg
+    heads = (g * hpg + rows).to(tl.int64)
+    # The compression log-sum-exp per head (log2 units), merged from its splits.
+    parts = tl.arange(0, SPLITS)
+    lse_parts = tl.load(
+        lse_ptr + b * stride_lb + heads[:, None] * stride_lh + parts[None, :] * stride_ls,
+        mask=head_ok[:, None] & (parts < cmp_splits)[None, :],
+        other=float("-inf"),
+    )
+    m = tl.max(lse_parts, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(lse_parts - m[:, None]), 1)  # 0: no compressed block yet
+    lse2 = (m + tl.log(tl.where(total > 0.0, total, 1.0))) * _LOG2E
+    # Probabilities of every compressed block, summed over the group's heads.
+    p_row = p_ptr + b * stride_pb + g * stride_pg
+    for c_start in range(0, n_cmp, BLOCK_C):
+        blocks = c_start + tl.arange(0, BLOCK_C)
+        s = tl.load(
+            s_ptr + b * stride_sb + heads[:, None] * stride_sh + blocks[None, :] * stride_ss,
+            mask=head_ok[:, None] & (blocks < n_cmp)[None, :],
+            other=float("-inf"),
+        )
+        probs = tl.sum(tl.exp2(s - lse2[:, None]), 0)
+        tl.store(p_row + blocks * stride_pc, probs, mask=blocks < n_cmp)
+    tl.debug_barrier()
+    # Selection block scores, then the forced blocks, then top-n by repeated arg-max.
+    sel = tl.arange(0, NSEL_BLOCK)
+    visible = sel < n_sel
+    scores = tl.zeros((NSEL_BLOCK,), dtype=tl.float32)
+    for r in tl.static_range(CMP_PER_SEL + CMP_SPAN - 1):
+        cmp = sel * CMP_PER_SEL - (CMP_SPAN - 1) + r
+        lo = tl.maximum(cmp, sel * CMP_PER_SEL)
+        hi = tl.minimum(cmp + CMP_SPAN, (sel + 1) * CMP_PER_SEL)
+        shared = tl.maximum(hi - lo, 0)
+        ok = visible & (cmp >= 0) & (cmp < n_cmp) & (shared > 0)
+        scores += shared.to(tl.float32) * tl.load(p_row + cmp * stride_pc, mask=ok, other=0.0)
+    if FORCE:
+        current = n_sel - 1
+        forced = (sel == 0) | (sel == current) | (sel == current - 1)
+        scores = tl.where(forced, float("inf"), scores)
+    scores = tl.where(visible, scores, -1.0)  # real scores are >= 0; -1: not selectable
+    idx_row = idx_ptr + b * stride_ib + g * stride_ig
+    for slot in range(n_slots):
+        best = tl.argmax(scores, 0, tie_break_left=True)
+        chosen = tl.max(scores, 0) >= 0.0
+        tl.store(idx_row + slot * stride_in, tl.where(chosen, best, -1).to(tl.int32))
+        scores = tl.where(sel == best, -1.0, scores)
 
 
 @autotune(_SELECTION_CANDIDATES, _INTERPRETER_SELECTION, _TUNING_KEY)
@@ -385,7 +550,9 @@ def _selection_kernel(
         key_ok = (offset < L_SEL) & (keys >= 0) & (keys <= t)  # an empty slot: keys < 0
         k = _load_rows(k_base, keys, stride_ks, key_ok, D_K, stride_kd, BLOCK_DK)
         v = _load_rows(v_base, keys, stride_vs, key_ok, D_V, stride_vd, BLOCK_DV)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, key_ok, qk_scale, PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, PRECISION)
     _store_split(
         o_ptr, lse_ptr, acc, m_i, l_i, b, heads, head_ok, split,
         stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ls,
@@ -394,46 +561,71 @@ def _selection_kernel(
 
 
 @triton.jit
-def _merge_kernel(
-    o_parts_ptr, lse_parts_ptr, o_ptr, lse_ptr,
-    stride_pb, stride_ph, stride_ps, stride_pd,
-    stride_qb, stride_qh, stride_qs,
-    stride_ob, stride_oh, stride_od,
-    stride_lb, stride_lh,
-    n_heads, n_splits, D_V,
-    SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
+def _gated_branch(
+    o_row, lse_row, g_row, stride_os, stride_od, stride_ls, stride_gc, first, n_splits, column,
+    CHUNK: tl.constexpr, D_V, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """One (batch, head): ``o = sum_s exp(lse_s - lse) o_s`` with ``lse = log sum_s exp(lse_s)``.
+    """``g * sum_s exp(lse_s - lse) o_s`` over one branch's splits (float32 ``[BLOCK_DV]``),
+    ``g`` the branch's gate (gate column -1: the branch is off, 0).
 
-    Splits that saw no key (``lse_s = -inf``) weigh 0; if none saw one, ``o = 0`` and
-    ``lse = -inf``.
+    Splits that saw no key (``lse_s = -inf``) weigh 0; a branch none of whose splits saw
+    a key (or that has none) is 0.
     """
+    cols = tl.arange(0, BLOCK_DV)
+    m = -1.0e30
+    total = 0.0
+    acc = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    for chunk in range(first, first + n_splits, CHUNK):
+        splits = chunk + tl.arange(0, CHUNK)
+        ok = splits < first + n_splits
+        lse = tl.load(lse_row + splits * stride_ls, mask=ok, other=float("-inf"))
+        parts = tl.load(
+            o_row + splits[:, None] * stride_os + cols[None, :] * stride_od,
+            mask=ok[:, None] & (cols < D_V)[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        weights = tl.exp(lse - m_new)
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.sum(weights, 0)
+        acc = acc * alpha + tl.sum(weights[:, None] * parts, 0)
+        m = m_new
+    gate = tl.load(g_row + column * stride_gc, mask=column >= 0, other=0.0).to(tl.float32)
+    return gate * acc / tl.where(total > 0.0, total, 1.0)
+
+
+@triton.jit
+def _combine_kernel(
+    o_ptr, lse_ptr, gates_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_lb, stride_lh, stride_ls,
+    stride_gb, stride_gh, stride_gc,
+    stride_ob, stride_oh, stride_od,
+    n_heads,
+    cmp_first, cmp_splits, cmp_gate,
+    slc_first, slc_splits, slc_gate,
+    win_first, win_splits, win_gate,
+    D_V, CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One (batch, head): ``o = sum_c g_c * o_c`` over the branches (gate column -1: off)."""
     b = (tl.program_id(0) // n_heads).to(tl.int64)
     h = tl.program_id(0) % n_heads
-    split = tl.arange(0, SPLITS)
-    split_ok = split < n_splits
-    lse_parts = tl.load(
-        lse_parts_ptr + b * stride_qb + h * stride_qh + split * stride_qs,
-        mask=split_ok,
-        other=float("-inf"),
+    o_row = o_ptr + b * stride_pb + h * stride_ph
+    lse_row = lse_ptr + b * stride_lb + h * stride_lh
+    g_row = gates_ptr + b * stride_gb + h * stride_gh
+    strides = (stride_ps, stride_pd, stride_ls, stride_gc)
+    out = _gated_branch(
+        o_row, lse_row, g_row, *strides, cmp_first, cmp_splits, cmp_gate, CHUNK, D_V, BLOCK_DV
     )
-    m = tl.max(lse_parts, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    weights = tl.exp(lse_parts - m_safe)
-    total = tl.sum(weights, 0)
+    out += _gated_branch(
+        o_row, lse_row, g_row, *strides, slc_first, slc_splits, slc_gate, CHUNK, D_V, BLOCK_DV
+    )
+    out += _gated_branch(
+        o_row, lse_row, g_row, *strides, win_first, win_splits, win_gate, CHUNK, D_V, BLOCK_DV
+    )
     cols = tl.arange(0, BLOCK_DV)
-    parts = tl.load(
-        o_parts_ptr + b * stride_pb + h * stride_ph + split[:, None] * stride_ps
-        + cols[None, :] * stride_pd,
-        mask=split_ok[:, None] & (cols < D_V)[None, :],
-        other=0.0,
-    )  # fmt: skip
-    total_safe = tl.where(total > 0.0, total, 1.0)
-    o = tl.sum(weights[:, None] * parts, 0) / total_safe
     tl.store(
-        o_ptr + b * stride_ob + h * stride_oh + cols * stride_od,
-        o.to(o_ptr.dtype.element_ty),
+        out_ptr + b * stride_ob + h * stride_oh + cols * stride_od,
+        out.to(out_ptr.dtype.element_ty),
         mask=cols < D_V,
     )
-    lse = tl.where(total > 0.0, m_safe + tl.log(total_safe), float("-inf"))
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh, lse)
