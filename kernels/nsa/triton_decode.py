@@ -12,11 +12,13 @@ synchronisation and shapes fixed by ``t`` (a CUDA graph can capture it):
    ("flash-decoding": with one query per sequence, ``B*G`` programs alone would leave
    most of a GPU idle). Every split writes its normalised output and log-sum-exp; the
    compression splits also write the group's scaled logits, which score the selection.
-2. :func:`_select_blocks_kernel`, grid ``(B*G,)``: the compression log-sum-exp merged
-   from its splits, the probabilities summed over the group's heads, spread onto the
-   selection blocks by the spec's overlap counts (at most ``l'/d + l/d - 1``
-   compressed blocks touch a selection block), forced blocks first, then the top ``n``
-   by repeated arg-max in registers (ties to the lower index): int32 ``[B,G,n]``.
+2. :func:`_select_blocks_kernel`, grid ``(B*G, chunks of selection blocks)``: the
+   compression log-sum-exp merged from its splits, the probabilities summed over the
+   group's heads, spread onto the selection blocks by the spec's overlap counts (at
+   most ``l'/d + l/d - 1`` compressed blocks touch a selection block), forced blocks
+   first; each chunk keeps its own top ``n`` and the group's last chunk to finish ranks
+   those candidates (ties to the lower index): int32 ``[B,G,n]``. Scoring one group in
+   one program took 19 us at 64k (H200), half the step.
 3. :func:`_selection_kernel`, grid ``(slc splits, B*G)``: the group's selected blocks,
    ``l'`` keys from ``block * l'``, masked past ``t`` and for empty (-1) slots.
 4. :func:`_combine_kernel`, grid ``(B*H,)``: each branch's splits merged by their
@@ -60,14 +62,22 @@ MMA_ROWS = 16
 BUSY_PROGRAMS = 264
 # Keys a split holds at least, so that its merge costs little next to its loads. Under the
 # interpreter (no speed to win) splits are small, so tiny tests cross split boundaries.
-MIN_SPLIT_KEYS = 32 if interpreted() else 256
-# Compressed blocks the scoring kernel sums per tile (a tile is ``[heads, BLOCK_C]``).
-SCORE_TILE = 16 if interpreted() else 256
+MIN_SPLIT_KEYS = 32 if interpreted() else 128
+# Selection blocks one scoring program scores (and keeps its top n of). Under the
+# interpreter chunks are small, so tiny tests rank candidates of several chunks.
+SCORE_CHUNK = 4 if interpreted() else 64
+# A candidate key that ranks below every real one (the scoring kernel's int64 keys).
+_TAKEN = tl.constexpr(-(2**63))
 # Splits the combine kernel merges per tile.
 COMBINE_TILE = 16
 # Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU and the interpreter's
 # one. Both attention kernels are bound by loads in flight; the key tile is the only size.
-_KEY_CANDIDATES = [({"BLOCK_N": 64}, 4, 2), ({"BLOCK_N": 128}, 4, 3)]
+_KEY_CANDIDATES = [
+    ({"BLOCK_N": 64}, 4, 2),
+    ({"BLOCK_N": 128}, 4, 3),
+    ({"BLOCK_N": 64}, 8, 3),
+    ({"BLOCK_N": 128}, 8, 2),
+]
 _INTERPRETER_KEYS = ({"BLOCK_N": 16}, 4, 1)
 _SELECTION_CANDIDATES = [({}, 4, 2), ({}, 2, 3)]
 _INTERPRETER_SELECTION = ({}, 4, 1)
@@ -114,6 +124,21 @@ def selected_blocks_triton(
     step = _Step.plan(q, scoring_only, t, softmax_scale(q, scale), {"kc": kc})
     step.attend_cmp_and_window()
     return step.select_blocks()
+
+
+def _finished_chunks(n_groups: int, device: torch.device) -> torch.Tensor:
+    """The scoring kernel's per-(batch, group) counters of finished chunks, all 0 between
+    steps (the last chunk resets its own): one zeroed buffer per device, reused, so a step
+    launches no memset and a CUDA graph captures a fixed address. Steps on one device run
+    one after the other on its stream, which is what sharing them needs."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n_groups:
+        counters = torch.zeros(max(n_groups, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _refuse_autograd(*tensors: torch.Tensor | None) -> None:
@@ -201,7 +226,7 @@ class _Step:
         n_slots = params.n if "k_slc" in present else 0
         cmp = _Segment.after(None, n_cmp, programs, MIN_SPLIT_KEYS)
         win = _Segment.after(cmp, n_win, programs, MIN_SPLIT_KEYS)
-        slc = _Segment.after(win, n_slots, programs, max(1, MIN_SPLIT_KEYS // params.l_sel))
+        slc = _Segment.after(win, n_slots, programs, 1)  # a block per split at small batch
         splits = slc.first + slc.splits
         scoring = n_cmp if "slc" in params.branches else 0
         return cls(
@@ -248,19 +273,21 @@ class _Step:
 
     def select_blocks(self) -> torch.Tensor:
         """Launch 2: the top-``n`` selection blocks, int32 ``[B,G,n]``, -1 padded."""
-        b, p = self.q.shape[0], self.params
-        n_cmp = self.logits.shape[-1]
+        b, p, device = self.q.shape[0], self.params, self.q.device
         n_sel = self.t // p.l_sel + 1
-        indices = torch.empty(b, self.n_groups, p.n, dtype=torch.int32, device=self.q.device)
-        probs = torch.empty(b, self.n_groups, n_cmp, dtype=torch.float32, device=self.q.device)
-        _select_blocks_kernel[(b * self.n_groups,)](
-            self.logits, self.lse_parts, probs, indices,
-            *self.logits.stride(), *self.lse_parts.stride(), *probs.stride(), *indices.stride(),
-            self.n_groups, self.hpg, n_cmp, self.cmp.splits, n_sel, p.n,
+        n_chunks = triton.cdiv(n_sel, SCORE_CHUNK)
+        indices = torch.empty(b, self.n_groups, p.n, dtype=torch.int32, device=device)
+        candidates = torch.empty(b, self.n_groups, n_chunks * p.n, dtype=torch.int64, device=device)
+        _select_blocks_kernel[(b * self.n_groups, n_chunks)](
+            self.logits, self.lse_parts, candidates, indices,
+            _finished_chunks(b * self.n_groups, device),
+            *self.logits.stride(), *self.lse_parts.stride(), *candidates.stride(),
+            *indices.stride(),
+            self.n_groups, self.hpg, self.logits.shape[-1], self.cmp.splits, n_sel, p.n, n_chunks,
             CMP_PER_SEL=p.l_sel // p.d, CMP_SPAN=p.l // p.d, FORCE=p.force_init_local,
             HP=triton.next_power_of_2(self.hpg),
             SPLITS=triton.next_power_of_2(max(1, self.cmp.splits)),
-            BLOCK_C=SCORE_TILE, NSEL_BLOCK=triton.next_power_of_2(n_sel),
+            SEL_CHUNK=SCORE_CHUNK, CANDIDATES=triton.next_power_of_2(n_chunks * p.n),
         )  # fmt: skip
         return indices
 
@@ -443,25 +470,31 @@ def _cmp_window_kernel(
 
 @triton.jit
 def _select_blocks_kernel(
-    s_ptr, lse_ptr, p_ptr, idx_ptr,
+    s_ptr, lse_ptr, cand_ptr, idx_ptr, count_ptr,
     stride_sb, stride_sh, stride_ss,
     stride_lb, stride_lh, stride_ls,
-    stride_pb, stride_pg, stride_pc,
+    stride_cb, stride_cg, stride_cc,
     stride_ib, stride_ig, stride_in,
-    n_groups, hpg, n_cmp, cmp_splits, n_sel, n_slots,
+    n_groups, hpg, n_cmp, cmp_splits, n_sel, n_slots, n_chunks,
     CMP_PER_SEL: tl.constexpr, CMP_SPAN: tl.constexpr, FORCE: tl.constexpr,
-    HP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, NSEL_BLOCK: tl.constexpr,
+    HP: tl.constexpr, SPLITS: tl.constexpr, SEL_CHUNK: tl.constexpr,
+    CANDIDATES: tl.constexpr,
 ):  # fmt: skip
-    """One (batch, group): its ``n_slots`` selection blocks, in rank order, -1 padded.
+    """One (batch, group, chunk of selection blocks): the chunk's scores and its own top
+    ``n_slots``; the group's last chunk to finish ranks all chunks' candidates and writes
+    the group's blocks, in rank order, -1 padded.
 
     Compressed block ``i`` holds stride segments ``[i, i + CMP_SPAN)``, selection block
     ``j`` holds ``[j * CMP_PER_SEL, (j + 1) * CMP_PER_SEL)``; the shared segments weigh
-    ``i``'s head-summed probability in ``j``'s score. The head sums go through
-    ``p_ptr`` (written, then read back by other threads of the program after a barrier).
+    ``i``'s head-summed probability in ``j``'s score. A candidate is one int64: the
+    score's float bits above, ``2**31 - 1 - j`` below, so the largest key is the highest
+    score and, among equal scores, the lower block. ``count_ptr`` counts the group's
+    finished chunks; the last one sets it back to 0 for the next step.
     """
     pid = tl.program_id(0)
     b = (pid // n_groups).to(tl.int64)
     g = pid % n_groups
+    chunk = tl.program_id(1)
     rows = tl.arange(0, HP)
     head_ok = rows < hpg
     heads = (g * hpg + rows).to(tl.int64)
@@ -476,40 +509,52 @@ def _select_blocks_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp(lse_parts - m[:, None]), 1)  # 0: no compressed block yet
     lse2 = (m + tl.log(tl.where(total > 0.0, total, 1.0))) * _LOG2E
-    # Probabilities of every compressed block, summed over the group's heads.
-    p_row = p_ptr + b * stride_pb + g * stride_pg
-    for c_start in range(0, n_cmp, BLOCK_C):
-        blocks = c_start + tl.arange(0, BLOCK_C)
-        s = tl.load(
-            s_ptr + b * stride_sb + heads[:, None] * stride_sh + blocks[None, :] * stride_ss,
-            mask=head_ok[:, None] & (blocks < n_cmp)[None, :],
-            other=float("-inf"),
-        )
-        probs = tl.sum(tl.exp2(s - lse2[:, None]), 0)
-        tl.store(p_row + blocks * stride_pc, probs, mask=blocks < n_cmp)
-    tl.debug_barrier()
-    # Selection block scores, then the forced blocks, then top-n by repeated arg-max.
-    sel = tl.arange(0, NSEL_BLOCK)
+    # The chunk's scores: each overlapping compressed block's probabilities, summed over
+    # the group's heads and weighed by the segments it shares with the selection block.
+    sel = chunk * SEL_CHUNK + tl.arange(0, SEL_CHUNK)
     visible = sel < n_sel
-    scores = tl.zeros((NSEL_BLOCK,), dtype=tl.float32)
+    s_rows = s_ptr + b * stride_sb + heads[:, None] * stride_sh
+    scores = tl.zeros((SEL_CHUNK,), dtype=tl.float32)
     for r in tl.static_range(CMP_PER_SEL + CMP_SPAN - 1):
         cmp = sel * CMP_PER_SEL - (CMP_SPAN - 1) + r
         lo = tl.maximum(cmp, sel * CMP_PER_SEL)
         hi = tl.minimum(cmp + CMP_SPAN, (sel + 1) * CMP_PER_SEL)
         shared = tl.maximum(hi - lo, 0)
         ok = visible & (cmp >= 0) & (cmp < n_cmp) & (shared > 0)
-        scores += shared.to(tl.float32) * tl.load(p_row + cmp * stride_pc, mask=ok, other=0.0)
+        s = tl.load(
+            s_rows + cmp[None, :] * stride_ss, mask=head_ok[:, None] & ok[None, :], other=-1e30
+        )
+        scores += shared.to(tl.float32) * tl.sum(tl.exp2(s - lse2[:, None]), 0)
     if FORCE:
         current = n_sel - 1
         forced = (sel == 0) | (sel == current) | (sel == current - 1)
         scores = tl.where(forced, float("inf"), scores)
     scores = tl.where(visible, scores, -1.0)  # real scores are >= 0; -1: not selectable
-    idx_row = idx_ptr + b * stride_ib + g * stride_ig
+    keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - sel)
+    cand_row = cand_ptr + b * stride_cb + g * stride_cg
     for slot in range(n_slots):
-        best = tl.argmax(scores, 0, tie_break_left=True)
-        chosen = tl.max(scores, 0) >= 0.0
-        tl.store(idx_row + slot * stride_in, tl.where(chosen, best, -1).to(tl.int32))
-        scores = tl.where(sel == best, -1.0, scores)
+        best = tl.max(keys, 0)
+        tl.store(cand_row + (chunk * n_slots + slot) * stride_cc, best)
+        keys = tl.where(keys == best, _TAKEN, keys)
+    # The group's last chunk ranks every chunk's candidates (the barrier and the release
+    # make this program's stores visible before its count; acquire orders the reads).
+    tl.debug_barrier()
+    finished = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+    if finished == n_chunks - 1:
+        which = tl.arange(0, CANDIDATES)
+        keys = tl.load(
+            cand_row + which * stride_cc,
+            mask=which < n_chunks * n_slots,
+            other=_TAKEN,
+            cache_modifier=".cg",
+        )
+        idx_row = idx_ptr + b * stride_ib + g * stride_ig
+        for slot in range(n_slots):
+            best = tl.max(keys, 0)
+            block = 2147483647 - (best & 0xFFFFFFFF)
+            tl.store(idx_row + slot * stride_in, tl.where(best >= 0, block, -1).to(tl.int32))
+            keys = tl.where(keys == best, _TAKEN, keys)
+        tl.atomic_xchg(count_ptr + pid, 0)
 
 
 @autotune(_SELECTION_CANDIDATES, _INTERPRETER_SELECTION, _TUNING_KEY)
