@@ -542,7 +542,7 @@ def _select_blocks_kernel(
     finished = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
     if finished == n_chunks - 1:
         which = tl.arange(0, CANDIDATES)
-        keys = tl.load(
+        ranked = tl.load(
             cand_row + which * stride_cc,
             mask=which < n_chunks * n_slots,
             other=_TAKEN,
@@ -550,10 +550,10 @@ def _select_blocks_kernel(
         )
         idx_row = idx_ptr + b * stride_ib + g * stride_ig
         for slot in range(n_slots):
-            best = tl.max(keys, 0)
-            block = 2147483647 - (best & 0xFFFFFFFF)
-            tl.store(idx_row + slot * stride_in, tl.where(best >= 0, block, -1).to(tl.int32))
-            keys = tl.where(keys == best, _TAKEN, keys)
+            top = tl.max(ranked, 0)
+            block = 2147483647 - (top & 0xFFFFFFFF)
+            tl.store(idx_row + slot * stride_in, tl.where(top >= 0, block, -1).to(tl.int32))
+            ranked = tl.where(ranked == top, _TAKEN, ranked)
         tl.atomic_xchg(count_ptr + pid, 0)
 
 
