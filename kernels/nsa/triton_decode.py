@@ -66,6 +66,9 @@ MIN_SPLIT_KEYS = 32 if interpreted() else 128
 # Selection blocks one scoring program scores (and keeps its top n of). Under the
 # interpreter chunks are small, so tiny tests rank candidates of several chunks.
 SCORE_CHUNK = 4 if interpreted() else 64
+# Warps of a scoring program: its top-n is rounds of one reduction each, and within one
+# warp a reduction is shuffles only (no shared memory, no barrier).
+SCORE_WARPS = 1
 # A candidate key that ranks below every real one (the scoring kernel's int64 keys).
 _TAKEN = tl.constexpr(-(2**63))
 # Splits the combine kernel merges per tile.
@@ -288,6 +291,7 @@ class _Step:
             HP=triton.next_power_of_2(self.hpg),
             SPLITS=triton.next_power_of_2(max(1, self.cmp.splits)),
             SEL_CHUNK=SCORE_CHUNK, CANDIDATES=triton.next_power_of_2(n_chunks * p.n),
+            num_warps=SCORE_WARPS,
         )  # fmt: skip
         return indices
 
