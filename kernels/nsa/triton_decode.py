@@ -68,8 +68,9 @@ MIN_SPLIT_KEYS = 32 if interpreted() else 128
 SCORE_CHUNK = 4 if interpreted() else 64
 # Warps of a scoring program (one warp measured slower: 16.7 against 11.2 us at 64k).
 SCORE_WARPS = 4
-# Candidates the last scoring program ranks at a time, against all of them.
-RANK_TILE = 64
+# Comparisons (candidates ranked at a time x all candidates) the last scoring program
+# holds at once: int64 keys, so more would spill registers (64 x 256 measured 4 us slower).
+RANK_ELEMENTS = 2048
 # Below every real candidate key (the scoring kernel's int64 keys): padding starts here.
 _PADDING = tl.constexpr(-(2**63))
 # Splits the combine kernel merges per tile.
@@ -230,7 +231,9 @@ class _Step:
         n_slots = params.n if "k_slc" in present else 0
         cmp = _Segment.after(None, n_cmp, programs, MIN_SPLIT_KEYS)
         win = _Segment.after(cmp, n_win, programs, MIN_SPLIT_KEYS)
-        slc = _Segment.after(win, n_slots, programs, 1)  # a block per split at small batch
+        # A block per selection split: its programs wait on one load each (two blocks per
+        # split measured 9.0 us at 64k batch 8, H200).
+        slc = _Segment(win.first + win.splits, n_slots, 1)
         splits = slc.first + slc.splits
         scoring = n_cmp if "slc" in params.branches else 0
         return cls(
@@ -298,7 +301,8 @@ class _Step:
             HP=triton.next_power_of_2(self.hpg),
             SPLITS=triton.next_power_of_2(max(1, self.cmp.splits)),
             SEL_CHUNK=SCORE_CHUNK, CANDIDATES=n_candidates,
-            RANK_TILE=min(n_candidates, RANK_TILE), num_warps=SCORE_WARPS,
+            RANK_TILE=max(1, min(n_candidates, RANK_ELEMENTS // n_candidates)),
+            num_warps=SCORE_WARPS,
         )  # fmt: skip
         return indices
 
@@ -566,7 +570,7 @@ def _select_blocks_kernel(
         )
         ranked = tl.where(which < n_candidates, ranked, which.to(tl.int64) + _PADDING)
         idx_row = idx_ptr + b * stride_ib + g * stride_ig
-        for tile in tl.static_range(0, CANDIDATES, RANK_TILE):
+        for tile in range(0, CANDIDATES, RANK_TILE):
             mine = tile + tl.arange(0, RANK_TILE)
             key = tl.load(
                 cand_row + mine * stride_cc, mask=mine < n_candidates, other=0, cache_modifier=".cg"
