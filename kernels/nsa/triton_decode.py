@@ -68,10 +68,7 @@ MIN_SPLIT_KEYS = 32 if interpreted() else 128
 SCORE_CHUNK = 4 if interpreted() else 64
 # Warps of a scoring program (one warp measured slower: 16.7 against 11.2 us at 64k).
 SCORE_WARPS = 4
-# Comparisons (candidates ranked at a time x all candidates) the last scoring program
-# holds at once: int64 keys, so more would spill registers (64 x 256 measured 4 us slower).
-RANK_ELEMENTS = 2048
-# Below every real candidate key (the scoring kernel's int64 keys): padding starts here.
+# Below every real candidate key (the scoring kernel's int64 keys): padding.
 _PADDING = tl.constexpr(-(2**63))
 # Splits the combine kernel merges per tile.
 COMBINE_TILE = 16
@@ -301,7 +298,6 @@ class _Step:
             HP=triton.next_power_of_2(self.hpg),
             SPLITS=triton.next_power_of_2(max(1, self.cmp.splits)),
             SEL_CHUNK=SCORE_CHUNK, CANDIDATES=n_candidates,
-            RANK_TILE=max(1, min(n_candidates, RANK_ELEMENTS // n_candidates)),
             num_warps=SCORE_WARPS,
         )  # fmt: skip
         return indices
@@ -496,12 +492,13 @@ def _select_blocks_kernel(
     n_groups, hpg, n_cmp, cmp_splits, n_sel, n_slots, n_chunks, per_chunk,
     CMP_PER_SEL: tl.constexpr, CMP_SPAN: tl.constexpr, FORCE: tl.constexpr,
     HP: tl.constexpr, SPLITS: tl.constexpr, SEL_CHUNK: tl.constexpr,
-    CANDIDATES: tl.constexpr, RANK_TILE: tl.constexpr,
+    CANDIDATES: tl.constexpr,
 ):  # fmt: skip
     """One (batch, group, chunk of selection blocks): the chunk's scores and its own top
     ``per_chunk``; the group's last chunk to finish ranks all chunks' candidates and writes
-    the group's ``n_slots`` blocks, in rank order, -1 padded. Ranks are counts of larger
-    keys, so no step waits on another (repeated arg-max took 16 dependent reductions).
+    the group's ``n_slots`` blocks, in rank order, -1 padded. Both rankings are bitonic
+    sorts in registers: repeated arg-max (16 dependent reductions) and counting larger
+    keys (a candidates-squared tile) were slower.
 
     Compressed block ``i`` holds stride segments ``[i, i + CMP_SPAN)``, selection block
     ``j`` holds ``[j * CMP_PER_SEL, (j + 1) * CMP_PER_SEL)``; the shared segments weigh
@@ -550,9 +547,10 @@ def _select_blocks_kernel(
         scores = tl.where(forced, float("inf"), scores)
     scores = tl.where(visible, scores, -1.0)  # real scores are >= 0; -1: not selectable
     keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - sel)
-    # The chunk's top ``per_chunk``: a key's rank is how many keys beat it (keys are unique).
-    rank = tl.sum((keys[None, :] > keys[:, None]).to(tl.int32), 1)
+    # The chunk's top ``per_chunk``, largest first (a bitonic sort in registers).
+    keys = tl.sort(keys, descending=True)
     cand_row = cand_ptr + b * stride_cb + g * stride_cg
+    rank = tl.arange(0, SEL_CHUNK)
     tl.store(cand_row + (chunk * per_chunk + rank) * stride_cc, keys, mask=rank < per_chunk)
     # The group's last chunk ranks every chunk's candidates (the barrier and the release
     # make this program's stores visible before its count; acquire orders the reads).
@@ -560,25 +558,16 @@ def _select_blocks_kernel(
     finished = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
     if finished == n_chunks - 1:
         which = tl.arange(0, CANDIDATES)
-        n_candidates = n_chunks * per_chunk
-        # Padding ranks below every candidate, each padding key distinct from the others.
         ranked = tl.load(
             cand_row + which * stride_cc,
-            mask=which < n_candidates,
-            other=0,
+            mask=which < n_chunks * per_chunk,
+            other=_PADDING,
             cache_modifier=".cg",
         )
-        ranked = tl.where(which < n_candidates, ranked, which.to(tl.int64) + _PADDING)
+        ranked = tl.sort(ranked, descending=True)
+        block = tl.where(ranked >= 0, 2147483647 - (ranked & 0xFFFFFFFF), -1)
         idx_row = idx_ptr + b * stride_ib + g * stride_ig
-        for tile in range(0, CANDIDATES, RANK_TILE):
-            mine = tile + tl.arange(0, RANK_TILE)
-            key = tl.load(
-                cand_row + mine * stride_cc, mask=mine < n_candidates, other=0, cache_modifier=".cg"
-            )
-            key = tl.where(mine < n_candidates, key, mine.to(tl.int64) + _PADDING)
-            slot = tl.sum((ranked[None, :] > key[:, None]).to(tl.int32), 1)
-            block = tl.where(key >= 0, 2147483647 - (key & 0xFFFFFFFF), -1)
-            tl.store(idx_row + slot * stride_in, block.to(tl.int32), mask=slot < n_slots)
+        tl.store(idx_row + which * stride_in, block.to(tl.int32), mask=which < n_slots)
         tl.atomic_xchg(count_ptr + pid, 0)
 
 
