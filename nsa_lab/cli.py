@@ -155,15 +155,16 @@ def _train_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
 
 def _decode_bench(ns: argparse.Namespace, lengths: list[int]) -> str:
     """``nsa-lab bench decode``: its options checked before any run."""
-    from nsa_lab.benchmarks.decode import run_decode_bench
+    from nsa_lab.benchmarks.decode import WARM_STEPS, run_decode_bench
 
     batches = parse_lengths(ns.batch or "1,8", "--batch")
     if not batches or min(batches) < 1:
         raise ConfigError("--batch", ns.batch, "must be positive counts")
     if ns.steps < 1:
         raise ConfigError("--steps", ns.steps, "must be >= 1")
-    if min(lengths) <= ns.steps:
-        raise ConfigError("--lengths", ns.lengths, f"must exceed --steps={ns.steps}")
+    if min(lengths) <= ns.steps + WARM_STEPS:
+        rule = f"must exceed --steps={ns.steps} plus the {WARM_STEPS} untimed warm-up steps"
+        raise ConfigError("--lengths", ns.lengths, rule)
     if ns.device.startswith("cuda") and not _cuda_available():
         raise ConfigError("--device", ns.device, "needs a CUDA GPU, and this machine has none")
     return run_decode_bench(lengths, batches, ns.steps, ns.device)
