@@ -30,6 +30,10 @@ read once for the whole group, not once per head. Softmax runs in base 2 with th
 folded in and accumulates in float32; float32 inputs get true fp32 dots (``ieee``).
 Head dims are padded to powers of two (at least 16) and masked.
 
+Integer arguments that change while a sequence grows (its position, block and split
+counts) are not specialised on: Triton would compile a kernel again each time one of
+them first turns out divisible by 16, inside a generation loop.
+
 Inference only: there is no backward, and the functions here raise rather than return
 a result that silently lacks gradients.
 """
@@ -418,7 +422,7 @@ def _store_split(
 
 
 @autotune(_KEY_CANDIDATES, _INTERPRETER_KEYS, [*_TUNING_KEY, "split_class"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_cmp", "cmp_per_split", "cmp_splits", "n_win", "win_per_split"])
 def _cmp_window_kernel(
     q_ptr, kc_ptr, vc_ptr, kw_ptr, vw_ptr, s_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -488,7 +492,7 @@ def _cmp_window_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_cmp", "cmp_splits", "n_sel", "n_chunks"])
 def _select_blocks_kernel(
     s_ptr, lse_ptr, cand_ptr, idx_ptr, count_ptr,
     stride_sb, stride_sh, stride_ss,
@@ -578,7 +582,7 @@ def _select_blocks_kernel(
 
 
 @autotune(_SELECTION_CANDIDATES, _INTERPRETER_SELECTION, _TUNING_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _selection_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -659,7 +663,7 @@ def _gated_branch(
     return gate * acc / tl.where(total > 0.0, total, 1.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cmp_splits", "slc_first", "slc_splits", "win_first", "win_splits"])
 def _combine_kernel(
     o_ptr, lse_ptr, gates_ptr, out_ptr,
     stride_pb, stride_ph, stride_ps, stride_pd,
