@@ -17,8 +17,8 @@ synchronisation and shapes fixed by ``t`` (a CUDA graph can capture it):
    group's heads, spread onto the selection blocks by the spec's overlap counts (at
    most ``l'/d + l/d - 1`` compressed blocks touch a selection block), forced blocks
    first; each chunk keeps its own top ``n`` and the group's last chunk to finish ranks
-   those candidates (ties to the lower index): int32 ``[B,G,n]``. Scoring one group in
-   one program took 19 us at 64k (H200), half the step.
+   those candidates (bitonic sorts of int64 keys, ties to the lower index): int32
+   ``[B,G,n]``. Scoring one group in one program took 19 us at 64k (H200), half the step.
 3. :func:`_selection_kernel`, grid ``(slc splits, B*G)``: the group's selected blocks,
    ``l'`` keys from ``block * l'``, masked past ``t`` and for empty (-1) slots.
 4. :func:`_combine_kernel`, grid ``(B*H,)``: each branch's splits merged by their
@@ -70,7 +70,7 @@ MIN_SPLIT_KEYS = 32 if interpreted() else 128
 # Selection blocks one scoring program scores (and keeps its top n of). Under the
 # interpreter chunks are small, so tiny tests rank candidates of several chunks.
 SCORE_CHUNK = 4 if interpreted() else 64
-# Warps of a scoring program (one warp measured slower: 16.7 against 11.2 us at 64k).
+# Warps of a scoring program (at 64k on an H200 one warp was slower: 16.7 against 11.2 us).
 SCORE_WARPS = 4
 # Below every real candidate key (the scoring kernel's int64 keys): padding.
 _PADDING = tl.constexpr(-(2**63))
