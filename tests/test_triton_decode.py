@@ -116,6 +116,18 @@ def test_selected_blocks_match_torch(poisoned, b, g, hpg, dk, l_sel, n, t, force
     assert torch.equal(indices.long(), expected)
 
 
+def test_back_to_back_steps_each_rank_their_own_candidates(poisoned):
+    """The scoring kernel's finished-chunk counters outlive a step (one buffer per device,
+    reset by each group's last chunk): a second step, with other shapes and values, must
+    find them at zero, or no chunk would know it is the last and no block would be chosen."""
+    for t, b, g in ((70, 2, 2), (45, 3, 1), (70, 2, 2)):
+        torch.manual_seed(t + b)
+        params = NSAParams(l=L, d=D, l_sel=8, n=5, w=W)
+        q, kc = randn(b, g * 4, 16), randn(b, torch_decode.compressed_blocks_done(t, L, D), g, 16)
+        expected = torch_decode.selected_blocks_decode(q, kc, None, params, t, 0.25)
+        assert torch.equal(selected_blocks_triton(q, kc, params, t, 0.25).long(), expected)
+
+
 # (batch, groups, heads per group, Dk, Dv, l_sel, n, t, force_init_local)
 STEP_CASES = [
     (1, 1, 1, 16, 16, 8, 4, 3, True),  # t < l-1: no compressed block; 1 of 4 slots used
