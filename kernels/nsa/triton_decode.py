@@ -165,14 +165,20 @@ class _Segment:
     splits: int
     per_split: int  # keys (cmp, win) or selection slots (slc) per split
 
+    @property
+    def end(self) -> int:
+        """One past the segment's last split: where the next segment starts."""
+        return self.first + self.splits
+
     @classmethod
-    def after(
-        cls, previous: _Segment | None, n_items: int, programs: int, min_per_split: int
-    ) -> _Segment:
-        """The segment that follows ``previous`` and splits ``n_items`` (:func:`_splits`)."""
-        per_split, splits = _splits(n_items, programs, min_per_split)
-        first = 0 if previous is None else previous.first + previous.splits
-        return cls(first, splits, per_split)
+    def after(cls, previous: _Segment | None, per_split: int, splits: int) -> _Segment:
+        """``splits`` splits of ``per_split`` items, right after ``previous``."""
+        return cls(0 if previous is None else previous.end, splits, per_split)
+
+
+def _most_splits(programs: int) -> int:
+    """The most splits :func:`_splits` cuts for ``programs`` (batch, group) pairs."""
+    return triton.cdiv(BUSY_PROGRAMS, programs)
 
 
 def _splits(n_items: int, programs: int, min_per_split: int) -> tuple[int, int]:
@@ -183,7 +189,7 @@ def _splits(n_items: int, programs: int, min_per_split: int) -> tuple[int, int]:
     """
     if n_items == 0:
         return 0, 0
-    wanted = min(triton.cdiv(n_items, min_per_split), triton.cdiv(BUSY_PROGRAMS, programs))
+    wanted = min(triton.cdiv(n_items, min_per_split), _most_splits(programs))
     per_split = triton.cdiv(n_items, max(1, wanted))
     return per_split, triton.cdiv(n_items, per_split)
 
@@ -230,12 +236,12 @@ class _Step:
         n_cmp = present["kc"].shape[1] if params.scores_selection else 0
         n_win = present["k_win"].shape[1] if "win" in params.branches else 0
         n_slots = params.n if "k_slc" in present else 0
-        cmp = _Segment.after(None, n_cmp, programs, MIN_SPLIT_KEYS)
-        win = _Segment.after(cmp, n_win, programs, MIN_SPLIT_KEYS)
+        cmp = _Segment.after(None, *_splits(n_cmp, programs, MIN_SPLIT_KEYS))
+        win = _Segment.after(cmp, *_splits(n_win, programs, MIN_SPLIT_KEYS))
         # A block per selection split: its programs wait on one load each (two blocks per
         # split measured 9.0 us at 64k batch 8, H200).
-        slc = _Segment(win.first + win.splits, n_slots, 1)
-        splits = slc.first + slc.splits
+        slc = _Segment.after(win, 1, n_slots)
+        splits = slc.end
         scoring = n_cmp if "slc" in params.branches else 0
         return cls(
             q=q.to(dtype),
@@ -285,8 +291,7 @@ class _Step:
 
         Its compile-time sizes stay fixed while a sequence grows (``SPLITS`` is the most
         cmp splits :func:`_splits` makes, not this step's count), so generation does not
-        recompile it every few hundred tokens: that once cost a 64k batch-8 generation
-        run 60% of its timed steps.
+        recompile it whenever the count crosses a power of two.
         """
         b, p, device = self.q.shape[0], self.params, self.q.device
         n_sel = self.t // p.l_sel + 1
@@ -306,7 +311,7 @@ class _Step:
             per_chunk,
             CMP_PER_SEL=p.l_sel // p.d, CMP_SPAN=p.l // p.d, FORCE=p.force_init_local,
             HP=triton.next_power_of_2(self.hpg),
-            SPLITS=triton.next_power_of_2(triton.cdiv(BUSY_PROGRAMS, b * self.n_groups)),
+            SPLITS=triton.next_power_of_2(_most_splits(b * self.n_groups)),
             SEL_CHUNK=SCORE_CHUNK, CANDIDATES=n_candidates,
             num_warps=SCORE_WARPS,
         )  # fmt: skip
