@@ -342,8 +342,12 @@ def _selection_attention_op(
     o = torch.empty(b, t_len, h, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
     meta = _attention_meta(q, k, v, indices, l_sel)
-    tile_blocks = _tile_blocks(indices, meta["QPP"])
-    _selection_fwd_kernel[(tile_blocks.shape[1], b * n_groups)](
+    n_tiles = triton.cdiv(t_len, meta["QPP"])
+    # Filled by the forward kernel (each tile's block union), read again by dQ's.
+    tile_blocks = torch.empty(
+        b, n_tiles, n_groups, meta["QPP"] * indices.shape[3], dtype=torch.int32, device=q.device
+    )
+    _selection_fwd_kernel[(n_tiles, b * n_groups)](
         q, k, v, indices, tile_blocks, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
         *o.stride(), *lse.stride(),
@@ -468,28 +472,6 @@ def _attention_meta(
     }
 
 
-def _tile_blocks(indices: torch.Tensor, qpp: int) -> torch.Tensor:
-    """The union of the blocks chosen by each tile of ``qpp`` consecutive positions.
-
-    ``indices [B,T,G,n]`` -> int32 ``[B, ceil(T/qpp), G, qpp*n]``: per (batch, tile,
-    group), every block some position of the tile chose, once, in descending order, then
-    -1 up to the row's end (so a kernel walks the leading non-negative entries only).
-    Positions past ``T`` in the last tile choose nothing. Pure tensor ops on the device:
-    no shape depends on the data, so nothing waits for the GPU.
-    """
-    b, t_len, n_groups, n = indices.shape
-    n_tiles = triton.cdiv(t_len, qpp)
-    padded = torch.full(
-        (b, n_tiles * qpp, n_groups, n), -1, dtype=torch.int32, device=indices.device
-    )
-    padded[:, :t_len] = indices
-    by_tile = padded.view(b, n_tiles, qpp, n_groups, n).transpose(2, 3)
-    blocks = by_tile.reshape(b, n_tiles, n_groups, qpp * n).sort(dim=-1, descending=True).values
-    repeated = torch.zeros_like(blocks, dtype=torch.bool)
-    repeated[..., 1:] = blocks[..., 1:] == blocks[..., :-1]
-    return blocks.masked_fill(repeated, -1).sort(dim=-1, descending=True).values
-
-
 def _queries_by_block(
     indices: torch.Tensor, n_sel: int, max_queries: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -607,8 +589,41 @@ def _row_choices(idx_row, t, row_ok, n, stride_it, stride_in, NP: tl.constexpr):
 
 
 @triton.jit
+def _write_union(
+    idx_row, tile_row, tile, t_len, n, stride_it, stride_in, stride_te,
+    QPP: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """Writes the tile's block union to ``tile_row`` and returns its size.
+
+    The union is every block some position of the tile chose, once, in descending
+    order, then -1 up to the row's ``QPP * n`` entries (positions past ``t_len`` choose
+    nothing). Built here in registers (a bitonic sort of the tile's ``QPP * NP`` choices,
+    then each entry that differs from its predecessor), not by two sorts of every
+    tile's choices in PyTorch before the launch: those cost about as much GPU time as
+    the scoring kernel, and a dozen launches per layer. The loop that follows reads the
+    entries back from memory, as the dQ kernel reads them later.
+    """
+    pos = (tile * QPP + tl.arange(0, QPP)).to(tl.int64)
+    slot = tl.arange(0, NP)
+    chosen = tl.load(
+        idx_row + pos[:, None] * stride_it + slot[None, :] * stride_in,
+        mask=(pos < t_len)[:, None] & (slot < n)[None, :], other=-1,
+    ).to(tl.int32)  # fmt: skip
+    blocks = tl.sort(tl.reshape(chosen, (QPP * NP,)), descending=True)
+    entry = tl.arange(0, QPP * NP)
+    previous = tl.gather(blocks, tl.maximum(entry - 1, 0), 0)
+    first = (blocks >= 0) & ((entry == 0) | (blocks != previous))
+    size = tl.sum(first.to(tl.int32), 0)
+    rank = tl.cumsum(first.to(tl.int32), 0) - 1
+    tl.store(tile_row + rank * stride_te, blocks, mask=first)
+    tl.store(tile_row + entry * stride_te, -1, mask=(entry >= size) & (entry < QPP * n))
+    tl.debug_barrier()  # every thread's entries are written before any thread reads one
+    return size
+
+
+@triton.jit
 def _union_size(tile_row, n_entries, stride_e, ENTRIES: tl.constexpr):
-    """How many distinct blocks lead a :func:`_tile_blocks` row (its non-negative entries)."""
+    """How many distinct blocks lead a tile's union row (its non-negative entries)."""
     entry = tl.arange(0, ENTRIES)
     blocks = tl.load(tile_row + entry * stride_e, mask=entry < n_entries, other=-1)
     return tl.sum((blocks >= 0).to(tl.int32))
@@ -672,8 +687,12 @@ def _selection_fwd_kernel(
     l_i = tl.zeros((QPP * HP,), dtype=tl.float32)
     acc = tl.zeros((QPP * HP, BLOCK_DV), dtype=tl.float32)
     tile_row = tiles_ptr + b * stride_tb + tile * stride_tt + g * stride_tg
-    for entry in range(_union_size(tile_row, QPP * n, stride_te, QPP * NP)):
-        block = tl.load(tile_row + entry * stride_te)
+    n_union = _write_union(
+        idx_ptr + b * stride_ib + g * stride_ig, tile_row, tile, t_len, n,
+        stride_it, stride_in, stride_te, QPP, NP,
+    )  # fmt: skip
+    for entry in range(n_union):
+        block = tl.load(tile_row + entry * stride_te, cache_modifier=".cg")
         k, v, key_ok, key_pos = _load_block(
             k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
