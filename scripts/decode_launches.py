@@ -1,0 +1,79 @@
+"""Where one NSA decoding step's time goes, launch by launch (GPU only).
+
+``nsa-lab bench decode`` times the whole step; this times it replayed from a CUDA graph
+and lists each Triton launch's kernel time (``torch.profiler`` over ``--steps`` steps), at
+the paper's attention shape (64 query heads, 4 KV groups, head_dim 128, bf16) and the
+paper's NSA blocks. ``--busy-programs`` and ``--min-split-keys`` override the split plan of
+``kernels/nsa/triton_decode.py`` (``BUSY_PROGRAMS``, ``MIN_SPLIT_KEYS``) for this process,
+to try another before editing it:
+
+    python3 scripts/decode_launches.py --length 65536 --batch 1,8
+    python3 scripts/decode_launches.py --length 65536 --batch 8 --busy-programs 528
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench_cudagraph
+
+from nsa_lab.benchmarks.decode import PAPER_PARAMS, decode_inputs
+from nsa_lab.kernels.nsa import triton_decode
+from nsa_lab.kernels.nsa.triton_decode import nsa_decode_step_triton
+
+WARM_STEPS = 5  # compile and autotune the kernels before anything is timed
+
+
+def launch_times(batch: int, length: int, steps: int) -> tuple[float, dict[str, float]]:
+    """The graph-replayed step (us) and each kernel's time per step (us), at position
+    ``length - 1`` with full caches."""
+    x = decode_inputs(batch, length, PAPER_PARAMS, "cuda")
+    t = length - 1
+
+    def step() -> torch.Tensor:
+        return nsa_decode_step_triton(x.q, x.gates, PAPER_PARAMS, t, **x.caches)
+
+    with torch.inference_mode():
+        for _ in range(WARM_STEPS):
+            step()
+        torch.cuda.synchronize()
+        graph_us = 1000 * do_bench_cudagraph(step, rep=100, return_mode="median")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    kernels = {
+        event.key: event.self_device_time_total / steps
+        for event in prof.key_averages()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    }
+    return graph_us, kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=65536, help="context length")
+    parser.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
+    parser.add_argument("--steps", type=int, default=20, help="profiled steps")
+    parser.add_argument("--busy-programs", type=int, help="override BUSY_PROGRAMS")
+    parser.add_argument("--min-split-keys", type=int, help="override MIN_SPLIT_KEYS")
+    args = parser.parse_args()
+    if args.busy_programs is not None:
+        triton_decode.BUSY_PROGRAMS = args.busy_programs
+    if args.min_split_keys is not None:
+        triton_decode.MIN_SPLIT_KEYS = args.min_split_keys
+    print(
+        f"{torch.cuda.get_device_name()}; BUSY_PROGRAMS={triton_decode.BUSY_PROGRAMS}, "
+        f"MIN_SPLIT_KEYS={triton_decode.MIN_SPLIT_KEYS}; T={args.length}\n"
+        "\n| batch | graph step us | launch | kernel us per step |\n|---|---|---|---|"
+    )
+    for batch in (int(b) for b in args.batch.split(",")):
+        graph_us, kernels = launch_times(batch, args.length, args.steps)
+        for name, us in kernels.items():
+            print(f"| {batch} | {graph_us:.1f} | {name} | {us:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
