@@ -25,6 +25,7 @@ from nsa_lab.evaluation.selection import (
     layer_inputs,
     reference_op,
     selecting_layers,
+    selection_sharing,
     selection_table,
     teacher_forced_correct,
     value_span,
@@ -186,3 +187,28 @@ def test_cli_prints_and_writes_the_table_and_rejects_variants_without_selection(
     assert "has no NSA selection branch" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="nsa_no_slc"):
         diagnose_run(str(_checkpoint(tmp_path, "nsa_no_slc")), [100], [0.0], 1, device="cpu")
+
+
+def test_selection_sharing_counts_blocks_per_position_and_tile_unions():
+    """Per selecting layer: the blocks a position reads and, per tile of k consecutive
+    positions, the distinct blocks they read together, as sets of the layer's choices."""
+    torch.manual_seed(5)
+    model = _model("nsa").model.eval()
+    tokens = torch.randint(0, 257, (2, T))
+    sharing = selection_sharing(model, tokens, (1, 2, 4))
+    layers = selecting_layers(model)
+    with torch.no_grad(), layer_inputs(layers) as seen:
+        model(tokens)
+    assert [s.layer for s in sharing] == [0, 1]
+    for shared, layer, args in zip(sharing, layers, seen, strict=True):
+        chosen = layer.selection_indices(*args)  # [B, T, G, n]
+        assert shared.blocks == pytest.approx((chosen >= 0).sum(-1).float().mean())
+        for k, union in shared.unions.items():
+            sizes = [
+                len({b for b in chosen[batch, start : start + k, g].flatten().tolist() if b >= 0})
+                for batch in range(2)
+                for start in range(0, T, k)
+                for g in range(chosen.shape[2])
+            ]
+            assert union == pytest.approx(sum(sizes) / len(sizes))
+        assert shared.unions[1] == pytest.approx(shared.blocks) and shared.unions[4] > shared.blocks

@@ -19,6 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from nsa_lab.evaluation.selection import mean_tile_union  # noqa: E402
 from nsa_lab.kernels.nsa import triton_selection  # noqa: E402
 from nsa_lab.kernels.nsa.torch_ops import (  # noqa: E402
     compression_attention,
@@ -209,3 +210,5 @@ def test_forward_writes_each_tiles_block_union_once(poisoned, hpg):
         chosen = indices[batch, tile * qpp : (tile + 1) * qpp, group].flatten().tolist()
         union = sorted({block for block in chosen if block >= 0}, reverse=True)
         assert tiles[batch, tile, group].tolist() == union + [-1] * (qpp * n - len(union))
+    # The PyTorch diagnostic of union sizes (scripts/selection_unions.py) counts the same.
+    assert mean_tile_union(indices, qpp) == pytest.approx((tiles >= 0).sum(-1).float().mean())

@@ -164,6 +164,60 @@ def _holding(indices: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
     return torch.stack([(indices == b).any(dim=-1) for b in blocks]).all(dim=0)
 
 
+def mean_tile_union(indices: torch.Tensor, positions: int) -> float:
+    """Mean count of distinct blocks that ``positions`` consecutive query positions chose
+    together, over every (batch, tile, kv group) of ``indices [B,T,G,n]`` (-1: none).
+
+    The Triton selection kernels' forward and dQ walk such a union per tile of
+    ``triton_selection._positions_per_tile`` positions (enough, with the group's heads, to
+    fill the 16 rows of a tensor-core product), each row attending only its own
+    position's blocks: the union over what one position reads is the kernels' overhead.
+    """
+    b, t_len, n_groups, n = indices.shape
+    tiles = -(-t_len // positions)
+    padded = indices.new_full((b, tiles * positions, n_groups, n), -1)
+    padded[:, :t_len] = indices
+    by_tile = padded.view(b, tiles, positions, n_groups, n).transpose(2, 3)
+    ordered = by_tile.reshape(b, tiles, n_groups, positions * n).sort(dim=-1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    return (first & (ordered >= 0)).sum(dim=-1).float().mean().item()
+
+
+@dataclass(frozen=True)
+class LayerSharing:
+    """How much one layer's neighbouring query positions share their selections."""
+
+    layer: int
+    blocks: float  # blocks a position reads, on average
+    unions: dict[int, float]  # tile size -> mean union of its positions' blocks
+
+
+@torch.no_grad()
+def selection_sharing(
+    model: nn.Module, tokens: torch.Tensor, tile_sizes: Sequence[int]
+) -> list[LayerSharing]:
+    """Per selecting layer of ``model``: blocks per position and tile unions on ``tokens``.
+
+    Neighbours that choose alike make small unions, hence fast selection kernels; an
+    untrained model's choices beyond the forced blocks are nearly independent.
+    """
+    layers = selecting_layers(model)
+    with layer_inputs(layers) as seen:
+        model(tokens)
+    result = []
+    for i, (layer, args) in enumerate(zip(layers, seen, strict=True)):
+        indices = layer.selection_indices(*args)
+        result.append(
+            LayerSharing(
+                i,
+                (indices >= 0).sum(dim=-1).float().mean().item(),
+                {size: mean_tile_union(indices, size) for size in tile_sizes},
+            )
+        )
+    return result
+
+
 def diagnose_run(
     ref: str,
     lengths: Sequence[int] | None = None,
