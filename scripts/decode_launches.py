@@ -17,13 +17,10 @@ import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from triton.testing import do_bench_cudagraph
 
-from nsa_lab.benchmarks.decode import PAPER_PARAMS, decode_inputs
+from nsa_lab.benchmarks.decode import PAPER_PARAMS, decode_inputs, step_times
 from nsa_lab.kernels.nsa import triton_decode
 from nsa_lab.kernels.nsa.triton_decode import nsa_decode_step_triton
-
-WARM_STEPS = 5  # compile and autotune the kernels before anything is timed
 
 
 def launch_times(batch: int, length: int, steps: int) -> tuple[float, dict[str, float]]:
@@ -36,10 +33,7 @@ def launch_times(batch: int, length: int, steps: int) -> tuple[float, dict[str, 
         return nsa_decode_step_triton(x.q, x.gates, PAPER_PARAMS, t, **x.caches)
 
     with torch.inference_mode():
-        for _ in range(WARM_STEPS):
-            step()
-        torch.cuda.synchronize()
-        graph_us = 1000 * do_bench_cudagraph(step, rep=100, return_mode="median")
+        graph_us = 1000 * step_times(step).graph  # as `nsa-lab bench decode` times it
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 step()
