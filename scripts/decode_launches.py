@@ -3,9 +3,12 @@
 ``nsa-lab bench decode`` times the whole step; this times it replayed from a CUDA graph
 and lists each Triton launch's kernel time (``torch.profiler`` over ``--steps`` steps), at
 the paper's attention shape (64 query heads, 4 KV groups, head_dim 128, bf16) and the
-paper's NSA blocks. ``--busy-programs`` and ``--min-split-keys`` override the split plan of
-``kernels/nsa/triton_decode.py`` (``BUSY_PROGRAMS``, ``MIN_SPLIT_KEYS``) for this process,
-to try another before editing it:
+paper's NSA blocks. ``--busy-programs``, ``--min-split-keys`` and ``--score-chunk``
+override the split plan of ``kernels/nsa/triton_decode.py`` (``BUSY_PROGRAMS``,
+``MIN_SPLIT_KEYS``, ``SCORE_CHUNK``) for this process, to try another before editing it;
+``--no-programmatic-launch`` launches each kernel after the one before has finished
+(``PROGRAMMATIC_LAUNCH``). Under programmatic launch a kernel's time includes its wait for
+the one before, so only the graph step compares across that switch:
 
     python3 scripts/decode_launches.py --length 65536 --batch 1,8
     python3 scripts/decode_launches.py --length 65536 --batch 8 --busy-programs 528
@@ -53,14 +56,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="profiled steps")
     parser.add_argument("--busy-programs", type=int, help="override BUSY_PROGRAMS")
     parser.add_argument("--min-split-keys", type=int, help="override MIN_SPLIT_KEYS")
+    parser.add_argument("--score-chunk", type=int, help="override SCORE_CHUNK")
+    parser.add_argument(
+        "--no-programmatic-launch", action="store_true", help="PROGRAMMATIC_LAUNCH off"
+    )
     args = parser.parse_args()
-    if args.busy_programs is not None:
-        triton_decode.BUSY_PROGRAMS = args.busy_programs
-    if args.min_split_keys is not None:
-        triton_decode.MIN_SPLIT_KEYS = args.min_split_keys
+    overrides = {
+        "BUSY_PROGRAMS": args.busy_programs,
+        "MIN_SPLIT_KEYS": args.min_split_keys,
+        "SCORE_CHUNK": args.score_chunk,
+        "PROGRAMMATIC_LAUNCH": False if args.no_programmatic_launch else None,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(triton_decode, name, value)
+    plan = ", ".join(f"{name}={getattr(triton_decode, name)}" for name in overrides)
     print(
-        f"{torch.cuda.get_device_name()}; BUSY_PROGRAMS={triton_decode.BUSY_PROGRAMS}, "
-        f"MIN_SPLIT_KEYS={triton_decode.MIN_SPLIT_KEYS}; T={args.length}\n"
+        f"{torch.cuda.get_device_name()}; {plan}; T={args.length}\n"
         "\n| batch | graph step us | launch | kernel us per step |\n|---|---|---|---|"
     )
     for batch in (int(b) for b in args.batch.split(",")):

@@ -41,6 +41,7 @@ a result that silently lacks gradients.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ _LN2 = tl.constexpr(math.log(2.0))
 _LOG2E = tl.constexpr(LOG2E)
 # Rows of every attention tile (the group's heads, padded): the least M a tl.dot takes.
 MMA_ROWS = 16
+# Launch each kernel of a step programmatically dependent on the one before, where the
+# GPU can (:meth:`_Step._chained`).
+PROGRAMMATIC_LAUNCH = True
 # Programs that keep a large GPU busy (H100: 132 SMs, two programs each); splits stop there.
 BUSY_PROGRAMS = 264
 # Keys a split holds at least, so that its merge costs little next to its loads. Under the
@@ -72,10 +76,13 @@ MIN_SPLIT_KEYS = 32 if interpreted() else 128
 SCORE_CHUNK = 4 if interpreted() else 64
 # Warps of a scoring program (at 64k on an H200 one warp was slower: 16.7 against 11.2 us).
 SCORE_WARPS = 4
+# Candidates the last scoring program compares each candidate with at a time.
+RANK_TILE = 32
 # Below every real candidate key (the scoring kernel's int64 keys): padding.
 _PADDING = tl.constexpr(-(2**63))
-# Splits the combine kernel merges per tile.
-COMBINE_TILE = 16
+# Splits the combine kernel reads per tile (a step's at the paper's sizes: 52 at 64k
+# batch 1). Under the interpreter tiles are small, so tiny tests cross them.
+COMBINE_TILE = 4 if interpreted() else 64
 # Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU and the interpreter's
 # one. Both attention kernels are bound by loads in flight; the key tile is the only size.
 _KEY_CANDIDATES = [
@@ -283,7 +290,7 @@ class _Step:
             triton.next_power_of_2(max(self.cmp.per_split, self.win.per_split)),
             CMP_VALUES="cmp" in self.params.branches,
             WRITE_LOGITS=self.logits.shape[-1] > 0,
-            **self._dims(),
+            **self._dims(), **self._chained(),
         )  # fmt: skip
 
     def select_blocks(self) -> torch.Tensor:
@@ -313,7 +320,7 @@ class _Step:
             HP=triton.next_power_of_2(self.hpg),
             SPLITS=triton.next_power_of_2(_most_splits(b * self.n_groups)),
             SEL_CHUNK=SCORE_CHUNK, CANDIDATES=n_candidates,
-            num_warps=SCORE_WARPS,
+            RANK_TILE=min(n_candidates, RANK_TILE), num_warps=SCORE_WARPS, **self._chained(),
         )  # fmt: skip
         return indices
 
@@ -332,6 +339,7 @@ class _Step:
             self.n_groups, self.hpg, indices.shape[-1], self.slc.per_split, self.t,
             self.scale * LOG2E,
             L_SEL=self.params.l_sel, BLOCK_L=_dim_block(self.params.l_sel), **self._dims(),
+            **self._chained(),
         )  # fmt: skip
 
     def combine(self, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -346,10 +354,19 @@ class _Step:
         _combine_kernel[(b * h,)](
             self.o_parts, self.lse_parts, gates, out,
             *self.o_parts.stride(), *self.lse_parts.stride(), *gates.stride(), *out.stride(),
-            h, *(arg for segment in segments for arg in segment), dv,
-            CHUNK=COMBINE_TILE, BLOCK_DV=_dim_block(dv),
+            h, self.o_parts.shape[2], *(arg for segment in segments for arg in segment), dv,
+            TILE=COMBINE_TILE, BLOCK_DV=_dim_block(dv), **self._chained(),
         )  # fmt: skip
         return out
+
+    def _chained(self) -> dict[str, bool]:
+        """Programmatic dependent launch (Hopper and later, unless
+        :data:`PROGRAMMATIC_LAUNCH` is off): each kernel is launched while the one before
+        it on the stream still runs, and its programs wait for that one's results
+        (:func:`_await_previous_kernel`), so one launch's start overlaps the last one's
+        tail instead of following it."""
+        chained = PROGRAMMATIC_LAUNCH and _has_programmatic_launch(self.q.device)
+        return {"PDL": chained, "launch_pdl": True} if chained else {"PDL": False}
 
     def _dims(self) -> dict[str, int | str]:
         """Compile-time sizes shared by both attention kernels, and the dot precision:
@@ -365,9 +382,30 @@ class _Step:
         }
 
 
+@functools.cache
+def _has_programmatic_launch(device: torch.device) -> bool:
+    """Whether ``device`` launches kernels programmatically dependent (compute capability
+    9.0 and later; never under the interpreter)."""
+    return (
+        device.type == "cuda"
+        and not interpreted()
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
 def _dim_block(dim: int) -> int:
     """A tile width: a power of two, at least 16 (``tl.dot``)."""
     return max(16, triton.next_power_of_2(dim))
+
+
+@triton.jit
+def _await_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the kernel before this one on the
+    stream has finished and its writes are visible (before this program touches memory
+    that kernel writes or reads), then let the next kernel start launching."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -442,7 +480,7 @@ def _cmp_window_kernel(
     split_class,
     CMP_VALUES: tl.constexpr, WRITE_LOGITS: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, HP: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (split, batch, group): the group's heads against the keys of one cmp split
     (programs ``< cmp_splits``) or one win split, each key tile loaded once for all heads.
@@ -452,6 +490,7 @@ def _cmp_window_kernel(
     (the keys per split, to a power of two) is only read by the autotuner: a tile that
     wins for 128-key splits at batch 1 need not win for 1024-key splits at batch 8.
     """
+    _await_previous_kernel(PDL)
     split = tl.program_id(0)
     b, g, heads, head_ok, q = _group_queries(
         q_ptr, tl.program_id(1), n_groups, hpg, stride_qb, stride_qh, stride_qd, D_K, HP, BLOCK_DK
@@ -507,7 +546,7 @@ def _select_blocks_kernel(
     n_groups, hpg, n_cmp, cmp_splits, n_sel, n_slots, n_chunks, per_chunk,
     CMP_PER_SEL: tl.constexpr, CMP_SPAN: tl.constexpr, FORCE: tl.constexpr,
     HP: tl.constexpr, SPLITS: tl.constexpr, SEL_CHUNK: tl.constexpr,
-    CANDIDATES: tl.constexpr,
+    CANDIDATES: tl.constexpr, RANK_TILE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (batch, group, chunk of selection blocks): the chunk's scores and its own top
     ``per_chunk``; the group's last chunk to finish ranks all chunks' candidates and writes
@@ -522,6 +561,7 @@ def _select_blocks_kernel(
     score and, among equal scores, the lower block. ``count_ptr`` counts the group's
     finished chunks; the last one sets it back to 0 for the next step.
     """
+    _await_previous_kernel(PDL)
     pid = tl.program_id(0)
     b = (pid // n_groups).to(tl.int64)
     g = pid % n_groups
@@ -562,28 +602,41 @@ def _select_blocks_kernel(
         scores = tl.where(forced, float("inf"), scores)
     scores = tl.where(visible, scores, -1.0)  # real scores are >= 0; -1: not selectable
     keys = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - sel)
-    # The chunk's top ``per_chunk``, largest first (a bitonic sort in registers).
-    keys = tl.sort(keys, descending=True)
+    # The chunk's top ``per_chunk``, each stored at its rank (keys are distinct).
+    rank = tl.sum((keys[None, :] > keys[:, None]).to(tl.int32), 1)
     cand_row = cand_ptr + b * stride_cb + g * stride_cg
-    rank = tl.arange(0, SEL_CHUNK)
     tl.store(cand_row + (chunk * per_chunk + rank) * stride_cc, keys, mask=rank < per_chunk)
     # The group's last chunk ranks every chunk's candidates (the barrier and the release
     # make this program's stores visible before its count; acquire orders the reads).
     tl.debug_barrier()
     finished = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
     if finished == n_chunks - 1:
+        n_candidates = n_chunks * per_chunk
         which = tl.arange(0, CANDIDATES)
-        ranked = tl.load(
-            cand_row + which * stride_cc,
-            mask=which < n_chunks * per_chunk,
-            other=_PADDING,
-            cache_modifier=".cg",
-        )
-        ranked = tl.sort(ranked, descending=True)
-        block = tl.where(ranked >= 0, 2147483647 - (ranked & 0xFFFFFFFF), -1)
+        candidates = _candidates(cand_row, which, n_candidates, stride_cc)
+        # Each candidate's rank: the candidates larger than it, counted a tile at a time
+        # (one CANDIDATES-squared tile would not fit in registers).
+        place = tl.zeros((CANDIDATES,), dtype=tl.int32)
+        for first in tl.static_range(0, CANDIDATES, RANK_TILE):
+            others = _candidates(cand_row, first + tl.arange(0, RANK_TILE), n_candidates, stride_cc)
+            place += tl.sum((others[None, :] > candidates[:, None]).to(tl.int32), 1)
+        block = tl.where(candidates >= 0, 2147483647 - (candidates & 0xFFFFFFFF), -1)
         idx_row = idx_ptr + b * stride_ib + g * stride_ig
-        tl.store(idx_row + which * stride_in, block.to(tl.int32), mask=which < n_slots)
+        tl.store(idx_row + place * stride_in, block.to(tl.int32), mask=place < n_slots)
         tl.atomic_xchg(count_ptr + pid, 0)
+
+
+@triton.jit
+def _candidates(cand_row, which, n_candidates, stride_cc):
+    """The group's stored candidates at ``which``; past ``n_candidates``, distinct keys
+    below every real one, so that every rank up to ``CANDIDATES`` is taken once (slots
+    beyond the real candidates get -1)."""
+    return tl.load(
+        cand_row + which * stride_cc,
+        mask=which < n_candidates,
+        other=_PADDING + which.to(tl.int64),
+        cache_modifier=".cg",
+    )
 
 
 @autotune(_SELECTION_CANDIDATES, _INTERPRETER_SELECTION, _TUNING_KEY)
@@ -599,13 +652,14 @@ def _selection_kernel(
     n_groups, hpg, n_slots, slots_per_split, t, qk_scale,
     L_SEL: tl.constexpr, BLOCK_L: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, HP: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (split, batch, group): the group's heads against the blocks in its slots.
 
     The group's heads share their selection, so each block is loaded once for all of
     them. Keys past ``t`` and the blocks of empty (-1) slots are masked (never read).
     """
+    _await_previous_kernel(PDL)
     split = tl.program_id(0)
     b, g, heads, head_ok, q = _group_queries(
         q_ptr, tl.program_id(1), n_groups, hpg, stride_qb, stride_qh, stride_qd, D_K, HP, BLOCK_DK
@@ -635,69 +689,83 @@ def _selection_kernel(
 
 
 @triton.jit
-def _gated_branch(
-    o_row, lse_row, g_row, stride_os, stride_od, stride_ls, stride_gc, first, n_splits, column,
-    CHUNK: tl.constexpr, D_V, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
-    """``g * sum_s exp(lse_s - lse) o_s`` over one branch's splits (float32 ``[BLOCK_DV]``),
-    ``g`` the branch's gate (gate column -1: the branch is off, 0).
+def _branch_update(m, total, acc, lse, parts, splits, first, n_splits):
+    """A branch's running ``(max lse, sum of weights, weighted sum of outputs)`` after one
+    tile of ``splits``, of which those in ``[first, first + n_splits)`` are the branch's.
+    ``m`` starts finite, so splits that saw no key (``lse = -inf``) and other branches'
+    splits weigh 0."""
+    mine = (splits >= first) & (splits < first + n_splits)
+    lse = tl.where(mine, lse, float("-inf"))
+    m_new = tl.maximum(m, tl.max(lse, 0))
+    weights = tl.exp(lse - m_new)
+    alpha = tl.exp(m - m_new)
+    total = total * alpha + tl.sum(weights, 0)
+    acc = acc * alpha + tl.sum(weights[:, None] * parts, 0)
+    return m_new, total, acc
 
-    Splits that saw no key (``lse_s = -inf``) weigh 0; a branch none of whose splits saw
-    a key (or that has none) is 0.
-    """
-    cols = tl.arange(0, BLOCK_DV)
-    m = -1.0e30
-    total = 0.0
-    acc = tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    for chunk in range(first, first + n_splits, CHUNK):
-        splits = chunk + tl.arange(0, CHUNK)
-        ok = splits < first + n_splits
-        lse = tl.load(lse_row + splits * stride_ls, mask=ok, other=float("-inf"))
-        parts = tl.load(
-            o_row + splits[:, None] * stride_os + cols[None, :] * stride_od,
-            mask=ok[:, None] & (cols < D_V)[None, :],
-            other=0.0,
-        )
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        weights = tl.exp(lse - m_new)
-        alpha = tl.exp(m - m_new)
-        total = total * alpha + tl.sum(weights, 0)
-        acc = acc * alpha + tl.sum(weights[:, None] * parts, 0)
-        m = m_new
+
+@triton.jit
+def _gated(g_row, stride_gc, column, total, acc):
+    """A branch's merged output times its gate (gate column -1: the branch is off, 0); a
+    branch none of whose splits saw a key (or that has none) is 0."""
     gate = tl.load(g_row + column * stride_gc, mask=column >= 0, other=0.0).to(tl.float32)
     return gate * acc / tl.where(total > 0.0, total, 1.0)
 
 
-@triton.jit(do_not_specialize=["cmp_splits", "slc_first", "slc_splits", "win_first", "win_splits"])
+_GROWING_SPLITS = ["n_splits", "cmp_splits", "slc_first", "slc_splits", "win_first", "win_splits"]
+
+
+@triton.jit(do_not_specialize=_GROWING_SPLITS)
 def _combine_kernel(
     o_ptr, lse_ptr, gates_ptr, out_ptr,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_lb, stride_lh, stride_ls,
     stride_gb, stride_gh, stride_gc,
     stride_ob, stride_oh, stride_od,
-    n_heads,
+    n_heads, n_splits,
     cmp_first, cmp_splits, cmp_gate,
     slc_first, slc_splits, slc_gate,
     win_first, win_splits, win_gate,
-    D_V, CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_V, TILE: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One (batch, head): ``o = sum_c g_c * o_c`` over the branches (gate column -1: off)."""
+    """One (batch, head): ``o = sum_c g_c * o_c`` over the branches, each ``o_c`` its splits
+    merged by their log-sum-exps.
+
+    The three branches' splits are read together, a tile of ``TILE`` at a time (one tile
+    holds a whole step at the paper's sizes), so the program waits on one load, not on one
+    per branch.
+    """
+    _await_previous_kernel(PDL)
     b = (tl.program_id(0) // n_heads).to(tl.int64)
     h = tl.program_id(0) % n_heads
     o_row = o_ptr + b * stride_pb + h * stride_ph
     lse_row = lse_ptr + b * stride_lb + h * stride_lh
     g_row = gates_ptr + b * stride_gb + h * stride_gh
-    strides = (stride_ps, stride_pd, stride_ls, stride_gc)
-    out = _gated_branch(
-        o_row, lse_row, g_row, *strides, cmp_first, cmp_splits, cmp_gate, CHUNK, D_V, BLOCK_DV
-    )
-    out += _gated_branch(
-        o_row, lse_row, g_row, *strides, slc_first, slc_splits, slc_gate, CHUNK, D_V, BLOCK_DV
-    )
-    out += _gated_branch(
-        o_row, lse_row, g_row, *strides, win_first, win_splits, win_gate, CHUNK, D_V, BLOCK_DV
-    )
     cols = tl.arange(0, BLOCK_DV)
+    cmp_m, cmp_total, cmp_acc = -1.0e30, 0.0, tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    slc_m, slc_total, slc_acc = -1.0e30, 0.0, tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    win_m, win_total, win_acc = -1.0e30, 0.0, tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    for start in range(0, n_splits, TILE):
+        splits = start + tl.arange(0, TILE)
+        ok = splits < n_splits
+        lse = tl.load(lse_row + splits * stride_ls, mask=ok, other=float("-inf"))
+        parts = tl.load(
+            o_row + splits[:, None] * stride_ps + cols[None, :] * stride_pd,
+            mask=ok[:, None] & (cols < D_V)[None, :],
+            other=0.0,
+        )
+        cmp_m, cmp_total, cmp_acc = _branch_update(
+            cmp_m, cmp_total, cmp_acc, lse, parts, splits, cmp_first, cmp_splits
+        )
+        slc_m, slc_total, slc_acc = _branch_update(
+            slc_m, slc_total, slc_acc, lse, parts, splits, slc_first, slc_splits
+        )
+        win_m, win_total, win_acc = _branch_update(
+            win_m, win_total, win_acc, lse, parts, splits, win_first, win_splits
+        )
+    out = _gated(g_row, stride_gc, cmp_gate, cmp_total, cmp_acc)
+    out += _gated(g_row, stride_gc, slc_gate, slc_total, slc_acc)
+    out += _gated(g_row, stride_gc, win_gate, win_total, win_acc)
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + cols * stride_od,
         out.to(out_ptr.dtype.element_ty),
