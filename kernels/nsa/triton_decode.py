@@ -16,13 +16,18 @@ synchronisation and shapes fixed by ``t`` (a CUDA graph can capture it):
    compression log-sum-exp merged from its splits, the probabilities summed over the
    group's heads, spread onto the selection blocks by the spec's overlap counts (at
    most ``l'/d + l/d - 1`` compressed blocks touch a selection block), forced blocks
-   first; each chunk keeps its own top ``n`` and the group's last chunk to finish ranks
-   those candidates (bitonic sorts of int64 keys, ties to the lower index): int32
+   first; each chunk keeps its own top ``n`` (ranked by counting larger int64 keys) and
+   the group's last chunk to finish sorts those candidates (ties to the lower index): int32
    ``[B,G,n]``. Scoring one group in one program took 19 us at 64k (H200), half the step.
 3. :func:`_selection_kernel`, grid ``(slc splits, B*G)``: the group's selected blocks,
    ``l'`` keys from ``block * l'``, masked past ``t`` and for empty (-1) slots.
 4. :func:`_combine_kernel`, grid ``(B*H,)``: each branch's splits merged by their
-   log-sum-exps, weighed by its gate and summed, in float32.
+   log-sum-exps (all branches' splits read in one tile), weighed by its gate and summed,
+   in float32.
+
+On Hopper and later the four launches are chained by programmatic dependent launch
+(:meth:`_Step._chained`): each kernel starts launching while the one before finishes, and
+its programs wait for that one's results before touching memory.
 
 Every attention program holds all ``H/G`` query heads of one kv group as the rows of its
 tiles (padded to at least :data:`MMA_ROWS`, the rows ``tl.dot`` needs), so a key tile is
@@ -76,8 +81,6 @@ MIN_SPLIT_KEYS = 32 if interpreted() else 128
 SCORE_CHUNK = 4 if interpreted() else 64
 # Warps of a scoring program (at 64k on an H200 one warp was slower: 16.7 against 11.2 us).
 SCORE_WARPS = 4
-# Candidates the last scoring program compares each candidate with at a time.
-RANK_TILE = 32
 # Below every real candidate key (the scoring kernel's int64 keys): padding.
 _PADDING = tl.constexpr(-(2**63))
 # Splits the combine kernel reads per tile (a step's at the paper's sizes: 52 at 64k
@@ -320,7 +323,7 @@ class _Step:
             HP=triton.next_power_of_2(self.hpg),
             SPLITS=triton.next_power_of_2(_most_splits(b * self.n_groups)),
             SEL_CHUNK=SCORE_CHUNK, CANDIDATES=n_candidates,
-            RANK_TILE=min(n_candidates, RANK_TILE), num_warps=SCORE_WARPS, **self._chained(),
+            num_warps=SCORE_WARPS, **self._chained(),
         )  # fmt: skip
         return indices
 
@@ -546,13 +549,15 @@ def _select_blocks_kernel(
     n_groups, hpg, n_cmp, cmp_splits, n_sel, n_slots, n_chunks, per_chunk,
     CMP_PER_SEL: tl.constexpr, CMP_SPAN: tl.constexpr, FORCE: tl.constexpr,
     HP: tl.constexpr, SPLITS: tl.constexpr, SEL_CHUNK: tl.constexpr,
-    CANDIDATES: tl.constexpr, RANK_TILE: tl.constexpr, PDL: tl.constexpr,
+    CANDIDATES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One (batch, group, chunk of selection blocks): the chunk's scores and its own top
     ``per_chunk``; the group's last chunk to finish ranks all chunks' candidates and writes
-    the group's ``n_slots`` blocks, in rank order, -1 padded. Both rankings are bitonic
-    sorts in registers: repeated arg-max (16 dependent reductions) and counting larger
-    keys (a candidates-squared tile) were slower.
+    the group's ``n_slots`` blocks, in rank order, -1 padded. A chunk ranks its keys by
+    counting the larger ones (one ``SEL_CHUNK``-squared comparison and a sum, where a
+    bitonic sort takes 21 dependent stages at 64 keys); the last chunk sorts the
+    candidates (bitonic, in registers): repeated arg-max (16 dependent reductions) and
+    counting over the whole candidates-squared tile were slower there.
 
     Compressed block ``i`` holds stride segments ``[i, i + CMP_SPAN)``, selection block
     ``j`` holds ``[j * CMP_PER_SEL, (j + 1) * CMP_PER_SEL)``; the shared segments weigh
@@ -611,32 +616,18 @@ def _select_blocks_kernel(
     tl.debug_barrier()
     finished = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
     if finished == n_chunks - 1:
-        n_candidates = n_chunks * per_chunk
         which = tl.arange(0, CANDIDATES)
-        candidates = _candidates(cand_row, which, n_candidates, stride_cc)
-        # Each candidate's rank: the candidates larger than it, counted a tile at a time
-        # (one CANDIDATES-squared tile would not fit in registers).
-        place = tl.zeros((CANDIDATES,), dtype=tl.int32)
-        for first in tl.static_range(0, CANDIDATES, RANK_TILE):
-            others = _candidates(cand_row, first + tl.arange(0, RANK_TILE), n_candidates, stride_cc)
-            place += tl.sum((others[None, :] > candidates[:, None]).to(tl.int32), 1)
-        block = tl.where(candidates >= 0, 2147483647 - (candidates & 0xFFFFFFFF), -1)
+        ranked = tl.load(
+            cand_row + which * stride_cc,
+            mask=which < n_chunks * per_chunk,
+            other=_PADDING,
+            cache_modifier=".cg",
+        )
+        ranked = tl.sort(ranked, descending=True)
+        block = tl.where(ranked >= 0, 2147483647 - (ranked & 0xFFFFFFFF), -1)
         idx_row = idx_ptr + b * stride_ib + g * stride_ig
-        tl.store(idx_row + place * stride_in, block.to(tl.int32), mask=place < n_slots)
+        tl.store(idx_row + which * stride_in, block.to(tl.int32), mask=which < n_slots)
         tl.atomic_xchg(count_ptr + pid, 0)
-
-
-@triton.jit
-def _candidates(cand_row, which, n_candidates, stride_cc):
-    """The group's stored candidates at ``which``; past ``n_candidates``, distinct keys
-    below every real one, so that every rank up to ``CANDIDATES`` is taken once (slots
-    beyond the real candidates get -1)."""
-    return tl.load(
-        cand_row + which * stride_cc,
-        mask=which < n_candidates,
-        other=_PADDING + which.to(tl.int64),
-        cache_modifier=".cg",
-    )
 
 
 @autotune(_SELECTION_CANDIDATES, _INTERPRETER_SELECTION, _TUNING_KEY)
