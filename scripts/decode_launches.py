@@ -6,8 +6,8 @@ the paper's attention shape (64 query heads, 4 KV groups, head_dim 128, bf16) an
 paper's NSA blocks. ``--busy-programs``, ``--min-split-keys`` and ``--score-chunk``
 override the split plan of ``kernels/nsa/triton_decode.py`` (``BUSY_PROGRAMS``,
 ``MIN_SPLIT_KEYS``, ``SCORE_CHUNK``) for this process, to try another before editing it;
-``--no-programmatic-launch`` launches each kernel after the one before has finished
-(``PROGRAMMATIC_LAUNCH``). Under programmatic launch a kernel's time includes its wait for
+``--programmatic-launch`` chains the launches on Hopper (``PROGRAMMATIC_LAUNCH``, off by
+default). Under programmatic launch a kernel's time includes its wait for
 the one before, so only the graph step compares across that switch:
 
     python3 scripts/decode_launches.py --length 65536 --batch 1,8
@@ -57,15 +57,13 @@ def main() -> None:
     parser.add_argument("--busy-programs", type=int, help="override BUSY_PROGRAMS")
     parser.add_argument("--min-split-keys", type=int, help="override MIN_SPLIT_KEYS")
     parser.add_argument("--score-chunk", type=int, help="override SCORE_CHUNK")
-    parser.add_argument(
-        "--no-programmatic-launch", action="store_true", help="PROGRAMMATIC_LAUNCH off"
-    )
+    parser.add_argument("--programmatic-launch", action="store_true", help="PROGRAMMATIC_LAUNCH on")
     args = parser.parse_args()
     overrides = {
         "BUSY_PROGRAMS": args.busy_programs,
         "MIN_SPLIT_KEYS": args.min_split_keys,
         "SCORE_CHUNK": args.score_chunk,
-        "PROGRAMMATIC_LAUNCH": False if args.no_programmatic_launch else None,
+        "PROGRAMMATIC_LAUNCH": True if args.programmatic_launch else None,
     }
     for name, value in overrides.items():
         if value is not None:

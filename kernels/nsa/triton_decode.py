@@ -22,12 +22,13 @@ synchronisation and shapes fixed by ``t`` (a CUDA graph can capture it):
 3. :func:`_selection_kernel`, grid ``(slc splits, B*G)``: the group's selected blocks,
    ``l'`` keys from ``block * l'``, masked past ``t`` and for empty (-1) slots.
 4. :func:`_combine_kernel`, grid ``(B*H,)``: each branch's splits merged by their
-   log-sum-exps (all branches' splits read in one tile), weighed by its gate and summed,
-   in float32.
+   log-sum-exps, weighed by its gate and summed, in float32.
 
-On Hopper and later the four launches are chained by programmatic dependent launch
-(:meth:`_Step._chained`): each kernel starts launching while the one before finishes, and
-its programs wait for that one's results before touching memory.
+On Hopper and later the four launches can be chained by programmatic dependent launch
+(:data:`PROGRAMMATIC_LAUNCH`, :meth:`_Step._chained`): each kernel starts launching while
+the one before finishes, and its programs wait for that one's results before touching
+memory. It is off: on an H100 (2026-12-07) it saved 0.2 us of 23 at 64k batch 1 and cost
+3.8 us of 70 at batch 8.
 
 Every attention program holds all ``H/G`` query heads of one kv group as the rows of its
 tiles (padded to at least :data:`MMA_ROWS`, the rows ``tl.dot`` needs), so a key tile is
@@ -69,8 +70,8 @@ _LOG2E = tl.constexpr(LOG2E)
 # Rows of every attention tile (the group's heads, padded): the least M a tl.dot takes.
 MMA_ROWS = 16
 # Launch each kernel of a step programmatically dependent on the one before, where the
-# GPU can (:meth:`_Step._chained`).
-PROGRAMMATIC_LAUNCH = True
+# GPU can (:meth:`_Step._chained`); off, as measured slower at batch 8 (module doc).
+PROGRAMMATIC_LAUNCH = False
 # Programs that keep a large GPU busy (H100: 132 SMs, two programs each); splits stop there.
 BUSY_PROGRAMS = 264
 # Keys a split holds at least, so that its merge costs little next to its loads. Under the
@@ -83,9 +84,9 @@ SCORE_CHUNK = 4 if interpreted() else 64
 SCORE_WARPS = 4
 # Below every real candidate key (the scoring kernel's int64 keys): padding.
 _PADDING = tl.constexpr(-(2**63))
-# Splits the combine kernel reads per tile (a step's at the paper's sizes: 52 at 64k
-# batch 1). Under the interpreter tiles are small, so tiny tests cross them.
-COMBINE_TILE = 4 if interpreted() else 64
+# Splits the combine kernel merges per tile, per branch. Under the interpreter tiles are
+# small, so tiny tests cross them.
+COMBINE_TILE = 4 if interpreted() else 16
 # Autotune candidates ((tile sizes), num_warps, num_stages) on a GPU and the interpreter's
 # one. Both attention kernels are bound by loads in flight; the key tile is the only size.
 _KEY_CANDIDATES = [
@@ -357,14 +358,14 @@ class _Step:
         _combine_kernel[(b * h,)](
             self.o_parts, self.lse_parts, gates, out,
             *self.o_parts.stride(), *self.lse_parts.stride(), *gates.stride(), *out.stride(),
-            h, self.o_parts.shape[2], *(arg for segment in segments for arg in segment), dv,
-            TILE=COMBINE_TILE, BLOCK_DV=_dim_block(dv), **self._chained(),
+            h, *(arg for segment in segments for arg in segment), dv,
+            CHUNK=COMBINE_TILE, BLOCK_DV=_dim_block(dv), **self._chained(),
         )  # fmt: skip
         return out
 
     def _chained(self) -> dict[str, bool]:
-        """Programmatic dependent launch (Hopper and later, unless
-        :data:`PROGRAMMATIC_LAUNCH` is off): each kernel is launched while the one before
+        """Programmatic dependent launch (Hopper and later, where
+        :data:`PROGRAMMATIC_LAUNCH` is on): each kernel is launched while the one before
         it on the stream still runs, and its programs wait for that one's results
         (:func:`_await_previous_kernel`), so one launch's start overlaps the last one's
         tail instead of following it."""
@@ -680,83 +681,73 @@ def _selection_kernel(
 
 
 @triton.jit
-def _branch_update(m, total, acc, lse, parts, splits, first, n_splits):
-    """A branch's running ``(max lse, sum of weights, weighted sum of outputs)`` after one
-    tile of ``splits``, of which those in ``[first, first + n_splits)`` are the branch's.
-    ``m`` starts finite, so splits that saw no key (``lse = -inf``) and other branches'
-    splits weigh 0."""
-    mine = (splits >= first) & (splits < first + n_splits)
-    lse = tl.where(mine, lse, float("-inf"))
-    m_new = tl.maximum(m, tl.max(lse, 0))
-    weights = tl.exp(lse - m_new)
-    alpha = tl.exp(m - m_new)
-    total = total * alpha + tl.sum(weights, 0)
-    acc = acc * alpha + tl.sum(weights[:, None] * parts, 0)
-    return m_new, total, acc
+def _gated_branch(
+    o_row, lse_row, g_row, stride_os, stride_od, stride_ls, stride_gc, first, n_splits, column,
+    CHUNK: tl.constexpr, D_V, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """``g * sum_s exp(lse_s - lse) o_s`` over one branch's splits (float32 ``[BLOCK_DV]``),
+    ``g`` the branch's gate (gate column -1: the branch is off, 0).
 
-
-@triton.jit
-def _gated(g_row, stride_gc, column, total, acc):
-    """A branch's merged output times its gate (gate column -1: the branch is off, 0); a
-    branch none of whose splits saw a key (or that has none) is 0."""
+    Splits that saw no key (``lse_s = -inf``) weigh 0; a branch none of whose splits saw
+    a key (or that has none) is 0.
+    """
+    cols = tl.arange(0, BLOCK_DV)
+    m = -1.0e30
+    total = 0.0
+    acc = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    for chunk in range(first, first + n_splits, CHUNK):
+        splits = chunk + tl.arange(0, CHUNK)
+        ok = splits < first + n_splits
+        lse = tl.load(lse_row + splits * stride_ls, mask=ok, other=float("-inf"))
+        parts = tl.load(
+            o_row + splits[:, None] * stride_os + cols[None, :] * stride_od,
+            mask=ok[:, None] & (cols < D_V)[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        weights = tl.exp(lse - m_new)
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.sum(weights, 0)
+        acc = acc * alpha + tl.sum(weights[:, None] * parts, 0)
+        m = m_new
     gate = tl.load(g_row + column * stride_gc, mask=column >= 0, other=0.0).to(tl.float32)
     return gate * acc / tl.where(total > 0.0, total, 1.0)
 
 
-_GROWING_SPLITS = ["n_splits", "cmp_splits", "slc_first", "slc_splits", "win_first", "win_splits"]
-
-
-@triton.jit(do_not_specialize=_GROWING_SPLITS)
+@triton.jit(do_not_specialize=["cmp_splits", "slc_first", "slc_splits", "win_first", "win_splits"])
 def _combine_kernel(
     o_ptr, lse_ptr, gates_ptr, out_ptr,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_lb, stride_lh, stride_ls,
     stride_gb, stride_gh, stride_gc,
     stride_ob, stride_oh, stride_od,
-    n_heads, n_splits,
+    n_heads,
     cmp_first, cmp_splits, cmp_gate,
     slc_first, slc_splits, slc_gate,
     win_first, win_splits, win_gate,
-    D_V, TILE: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
+    D_V, CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One (batch, head): ``o = sum_c g_c * o_c`` over the branches, each ``o_c`` its splits
-    merged by their log-sum-exps.
-
-    The three branches' splits are read together, a tile of ``TILE`` at a time (one tile
-    holds a whole step at the paper's sizes), so the program waits on one load, not on one
-    per branch.
-    """
+    """One (batch, head): ``o = sum_c g_c * o_c`` over the branches (gate column -1: off),
+    each branch's splits merged in its own loop. (One loop over every split in tiles of
+    64, three branches updated per tile, measured 4.1 against 4.7 us at 64k batch 1 but
+    10.5 against 7.4 at batch 8 on an H100, 2026-12-07.)"""
     _await_previous_kernel(PDL)
     b = (tl.program_id(0) // n_heads).to(tl.int64)
     h = tl.program_id(0) % n_heads
     o_row = o_ptr + b * stride_pb + h * stride_ph
     lse_row = lse_ptr + b * stride_lb + h * stride_lh
     g_row = gates_ptr + b * stride_gb + h * stride_gh
+    strides = (stride_ps, stride_pd, stride_ls, stride_gc)
+    out = _gated_branch(
+        o_row, lse_row, g_row, *strides, cmp_first, cmp_splits, cmp_gate, CHUNK, D_V, BLOCK_DV
+    )
+    out += _gated_branch(
+        o_row, lse_row, g_row, *strides, slc_first, slc_splits, slc_gate, CHUNK, D_V, BLOCK_DV
+    )
+    out += _gated_branch(
+        o_row, lse_row, g_row, *strides, win_first, win_splits, win_gate, CHUNK, D_V, BLOCK_DV
+    )
     cols = tl.arange(0, BLOCK_DV)
-    cmp_m, cmp_total, cmp_acc = -1.0e30, 0.0, tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    slc_m, slc_total, slc_acc = -1.0e30, 0.0, tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    win_m, win_total, win_acc = -1.0e30, 0.0, tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    for start in range(0, n_splits, TILE):
-        splits = start + tl.arange(0, TILE)
-        ok = splits < n_splits
-        lse = tl.load(lse_row + splits * stride_ls, mask=ok, other=float("-inf"))
-        parts = tl.load(
-            o_row + splits[:, None] * stride_ps + cols[None, :] * stride_pd,
-            mask=ok[:, None] & (cols < D_V)[None, :],
-            other=0.0,
-        )
-        cmp_m, cmp_total, cmp_acc = _branch_update(
-            cmp_m, cmp_total, cmp_acc, lse, parts, splits, cmp_first, cmp_splits
-        )
-        slc_m, slc_total, slc_acc = _branch_update(
-            slc_m, slc_total, slc_acc, lse, parts, splits, slc_first, slc_splits
-        )
-        win_m, win_total, win_acc = _branch_update(
-            win_m, win_total, win_acc, lse, parts, splits, win_first, win_splits
-        )
-    out = _gated(g_row, stride_gc, cmp_gate, cmp_total, cmp_acc)
-    out += _gated(g_row, stride_gc, slc_gate, slc_total, slc_acc)
-    out += _gated(g_row, stride_gc, win_gate, win_total, win_acc)
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + cols * stride_od,
         out.to(out_ptr.dtype.element_ty),
