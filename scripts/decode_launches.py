@@ -7,8 +7,8 @@ paper's NSA blocks. ``--busy-programs``, ``--min-split-keys`` and ``--score-chun
 override the split plan of ``kernels/nsa/triton_decode.py`` (``BUSY_PROGRAMS``,
 ``MIN_SPLIT_KEYS``, ``SCORE_CHUNK``) for this process, to try another before editing it;
 ``--programmatic-launch`` chains the launches on Hopper (``PROGRAMMATIC_LAUNCH``, off by
-default). Under programmatic launch a kernel's time includes its wait for
-the one before, so only the graph step compares across that switch:
+default). Under programmatic launch a kernel's time includes its wait for the one before,
+so only the graph step compares across that switch:
 
     python3 scripts/decode_launches.py --length 65536 --batch 1,8
     python3 scripts/decode_launches.py --length 65536 --batch 8 --busy-programs 528

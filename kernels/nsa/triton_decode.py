@@ -27,8 +27,8 @@ synchronisation and shapes fixed by ``t`` (a CUDA graph can capture it):
 On Hopper and later the four launches can be chained by programmatic dependent launch
 (:data:`PROGRAMMATIC_LAUNCH`, :meth:`_Step._chained`): each kernel starts launching while
 the one before finishes, and its programs wait for that one's results before touching
-memory. It is off: on an H100 (2026-12-07) it saved 0.2 us of 23 at 64k batch 1 and cost
-3.8 us of 70 at batch 8.
+memory. It is off: on an H100 (2026-12-07) it took the graph step at 64k from 24.1 to
+22.8 us at batch 1, but from 67.1 to 77.2 us at batch 8 (docs/benchmarks.md).
 
 Every attention program holds all ``H/G`` query heads of one kv group as the rows of its
 tiles (padded to at least :data:`MMA_ROWS`, the rows ``tl.dot`` needs), so a key tile is
