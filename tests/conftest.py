@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def sigint_handler_restored() -> None:
+def sigint_handler_restored() -> Iterator[None]:
     """Each test leaves Ctrl-C as it found it. Lightning, on a KeyboardInterrupt inside
     ``fit``, ignores SIGINT for the rest of the process (``SIG_IGN``), and children
     inherit an ignored signal: a later test's ``nsa-lab train`` child would then sleep

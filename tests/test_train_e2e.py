@@ -125,6 +125,7 @@ def test_ctrl_c_marks_the_run_failed_and_leaves_a_checkpoint(workdir: Path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_in_a_shell,
     )
     try:
         _wait_for_logged_steps(workdir, proc)
@@ -136,6 +137,13 @@ def test_ctrl_c_marks_the_run_failed_and_leaves_a_checkpoint(workdir: Path):
     _, run = only_run(workdir)
     assert run.info.status == "FAILED", stderr[-2000:]
     assert (workdir / "ckpt" / "smoke" / "on_exception.ckpt").is_file()
+
+
+def _ctrl_c_as_in_a_shell() -> None:
+    """In the child before exec: SIGINT unblocked and at its default, as a shell starts a
+    program, whatever this test process inherited from libraries it ran earlier."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_logged_steps(workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
