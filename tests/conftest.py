@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,14 +41,3 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     return tmp_path
-
-
-@pytest.fixture(autouse=True)
-def sigint_handler_restored() -> Iterator[None]:
-    """Each test leaves Ctrl-C as it found it. Lightning, on a KeyboardInterrupt inside
-    ``fit``, ignores SIGINT for the rest of the process (``SIG_IGN``), and children
-    inherit an ignored signal: a later test's ``nsa-lab train`` child would then sleep
-    through its Ctrl-C."""
-    handler = signal.getsignal(signal.SIGINT)
-    yield
-    signal.signal(signal.SIGINT, handler)

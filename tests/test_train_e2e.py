@@ -140,8 +140,9 @@ def test_ctrl_c_marks_the_run_failed_and_leaves_a_checkpoint(workdir: Path):
 
 
 def _ctrl_c_as_in_a_shell() -> None:
-    """In the child before exec: SIGINT unblocked and at its default, as a shell starts a
-    program, whatever this test process inherited from libraries it ran earlier."""
+    """In the child before exec: SIGINT unblocked and at its default, as a terminal's shell
+    starts a program. A background job of a non-interactive shell (CI, ``nohup ... &``)
+    starts with SIGINT ignored, pytest inherits that, and so would the child."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 

@@ -211,4 +211,5 @@ def test_forward_writes_each_tiles_block_union_once(poisoned, hpg):
         union = sorted({block for block in chosen if block >= 0}, reverse=True)
         assert tiles[batch, tile, group].tolist() == union + [-1] * (qpp * n - len(union))
     # The PyTorch diagnostic of union sizes (scripts/selection_unions.py) counts the same.
-    assert mean_tile_union(indices, qpp) == pytest.approx((tiles >= 0).sum(-1).float().mean())
+    kernel_mean = (tiles >= 0).sum(-1).float().mean().item()  # approx of a CUDA tensor fails
+    assert mean_tile_union(indices, qpp) == pytest.approx(kernel_mean)
