@@ -21,7 +21,7 @@ from nsa_lab.attention.rope import rope_tables  # noqa: E402
 from nsa_lab.config import load_config  # noqa: E402
 from nsa_lab.kernels.nsa.naive import nsa_reference  # noqa: E402
 from nsa_lab.kernels.nsa.spec import BRANCHES, NSAParams, combine_branches  # noqa: E402
-from nsa_lab.kernels.nsa.triton_gates import gated_sum_triton  # noqa: E402
+from nsa_lab.kernels.nsa.triton_gates import gate_grads_triton, gated_sum_triton  # noqa: E402
 from nsa_lab.kernels.nsa.triton_ops import nsa_attention_triton  # noqa: E402
 from tests.conftest import assert_no_host_sync  # noqa: E402
 
@@ -97,6 +97,28 @@ def test_gated_sum_kernel_matches_combine_branches(branches):
         assert rel_err(a, b) < 1e-6
     with pytest.raises(ValueError, match="columns"):
         gated_sum_triton(outputs, wide, branches)
+
+
+def test_gate_grads_kernel_is_the_gate_part_of_the_gated_sum_backward():
+    """What the fused NSA backward asks of the gate kernel: ``<do, o_c>`` per row, only."""
+    torch.manual_seed(3)
+    outputs = [torch.randn(2, 7, 3, 24, device=DEVICE) for _ in range(3)]
+    gates = torch.randn(2, 7, 3, 3, device=DEVICE)
+    do = torch.randn(2, 7, 3, 24, device=DEVICE)
+    want = torch.stack([(do * o).sum(-1) for o in outputs], dim=-1)
+    assert rel_err(gate_grads_triton(gates, outputs, do), want) < 1e-6
+
+
+def test_nsa_output_is_one_autograd_node_over_its_inputs():
+    """The branches and their gated sum are one node (``triton_ops._GatedBranches``):
+    its backward feeds the leaves directly, so no branch's own ``g_c * do`` or ``dq``
+    sits between them (the memory that used to put the 64k backward above dense)."""
+    params = NSAParams(l=8, d=4, l_sel=8, n=3, w=9)
+    inputs = random_inputs(21, 4, 2, 16, 16, params)
+    out = nsa_attention_triton(inputs["q"], inputs["gates"], params, **_tensors(inputs))
+    feeding = [fn for fn, _ in out.grad_fn.next_functions if fn is not None]
+    assert len(feeding) == len(inputs)
+    assert {type(fn).__name__ for fn in feeding} == {"AccumulateGrad"}
 
 
 def _tensors(inputs: dict) -> dict:

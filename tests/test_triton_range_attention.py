@@ -21,7 +21,10 @@ from nsa_lab.kernels.nsa.torch_ops import (  # noqa: E402
     compression_attention,
     sliding_window_attention,
 )
-from nsa_lab.kernels.nsa.triton_range_attention import range_attention  # noqa: E402
+from nsa_lab.kernels.nsa.triton_range_attention import (  # noqa: E402
+    range_attention,
+    range_attention_backward,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 dots are true fp32 everywhere (triton_tuning.dot_precision); the GPU bound dates from
@@ -212,3 +215,34 @@ def test_half_precision_on_gpu(dtype, kwargs):
         assert torch.isfinite(out).all(), name
         err = (out.double() - expected).norm() / expected.norm()
         assert err < 2e-2, f"{name}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize(
+    ("t_len", "s_len", "keys"),
+    [
+        (37, 37, {"stride": 1, "offset": 0, "window": 9}),
+        (37, 8, {"stride": 4, "offset": 7, "window": None}),
+        (6, 0, {"stride": 4, "offset": 7, "window": None}),
+    ],
+    ids=["window", "compression", "no-key"],
+)
+def test_gated_backward_is_the_gradient_of_gate_times_o(t_len, s_len, keys, accumulate):
+    """The fused NSA backward's entry point: from the ungated ``do`` and a gate (both
+    signs, a strided view), ``dk, dv`` and the ``dq`` of ``gate * o``, written over a NaN
+    ``dq`` or added to what ``dq`` holds."""
+    torch.manual_seed(t_len + s_len)
+    q, k, v = make_inputs(2, t_len, s_len, 3, 1, 16, 24)
+    o, lse = range_attention(q, k, v, scale=SCALE, **keys)
+    gate = torch.randn(2, t_len, 3, 2, device=DEVICE)[..., 1]
+    do = torch.randn_like(o)
+    want = torch.autograd.grad(o, (q, k, v), gate[..., None] * do)
+    base = torch.randn_like(q) if accumulate else torch.full_like(q, math.nan)
+    dq = base.clone()
+    dk, dv = range_attention_backward(
+        *(x.detach() for x in (q, k, v, o)), lse, do, dq,
+        scale=SCALE, gate=gate, accumulate=accumulate, **keys,
+    )  # fmt: skip
+    got_dq = dq - base if accumulate else dq
+    for name, got, ref in zip(("dq", "dk", "dv"), (got_dq, dk, dv), want, strict=True):
+        assert_close(got, ref.double(), name)

@@ -29,6 +29,8 @@ from nsa_lab.kernels.nsa.torch_ops import (  # noqa: E402
 )
 from nsa_lab.kernels.nsa.triton_selection import (  # noqa: E402
     select_blocks_triton,
+    selection_attention_backward,
+    selection_attention_forward,
     selection_attention_triton,
 )
 
@@ -213,3 +215,33 @@ def test_forward_writes_each_tiles_block_union_once(poisoned, hpg):
     # The PyTorch diagnostic of union sizes (scripts/selection_unions.py) counts the same.
     kernel_mean = (tiles >= 0).sum(-1).float().mean().item()  # approx of a CUDA tensor fails
     assert mean_tile_union(indices, qpp) == pytest.approx(kernel_mean)
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("hpg", [3, 16])
+def test_gated_backward_is_the_gradient_of_gate_times_o(poisoned, hpg, accumulate):
+    """The fused NSA backward's entry point: from the ungated ``do`` and a gate (both
+    signs, a strided view), ``dk, dv`` and the ``dq`` of ``gate * o``, written over a NaN
+    ``dq`` or added to what ``dq`` holds."""
+    torch.manual_seed(hpg)
+    t_len, g, l_sel, n = 29, 2, 8, 3
+    q, k, v = random_qkv(2, t_len, hpg, g, 32, 16)
+    scores = torch.rand(2, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
+    indices = shuffled_slots(select_blocks(scores, n, l_sel, False))
+    o = selection_attention_triton(q, k, v, indices, l_sel=l_sel)
+    gate = torch.randn(2, t_len, g * hpg, 3, device=DEVICE)[..., 2]
+    do = torch.randn_like(o)
+    want = torch.autograd.grad(o, (q, k, v), gate[..., None] * do)
+    detached = [x.detach() for x in (q, k, v)]
+    o, lse, tiles = selection_attention_forward(
+        *detached, indices, l_sel=l_sel, scale=1 / math.sqrt(32)
+    )
+    base = torch.randn(q.shape, device=DEVICE) if accumulate else torch.full_like(q, math.nan)
+    dq = base.clone()
+    dk, dv = selection_attention_backward(
+        *detached, indices, tiles, o, lse, do, dq,
+        l_sel=l_sel, scale=1 / math.sqrt(32), gate=gate, accumulate=accumulate,
+    )  # fmt: skip
+    got_dq = dq - base if accumulate else dq
+    for name, got, ref in zip("qkv", (got_dq, dk, dv), want, strict=True):
+        assert rel_err(got, ref) < TOL, f"d{name}"

@@ -6,7 +6,9 @@ bf16), so the unfused PyTorch form, one product per branch and their sums forwar
 ``g_c * do`` plus ``(do * o_c).sum(-1)`` per branch backward, spends most of its time
 and its peak memory on temporaries. Here the forward reads every ``o_c`` once and writes
 ``o``; the backward reads ``do`` and every ``o_c`` once and writes each ``do_c`` and
-the gate gradients. Sums run in float32.
+the gate gradients. The fused NSA backward (``triton_ops``) asks only for the gate
+gradients (:func:`gate_grads_triton`): its branches take the gate themselves. Sums run
+in float32.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def gated_sum_triton(
     if not 1 <= len(branches) <= MAX_BRANCHES:
         raise ValueError(f"the kernel mixes 1 to {MAX_BRANCHES} branches, not {branches}")
     return _gated_sum_op(gates, [outputs[name] for name in branches])
+
+
+def gate_grads_triton(
+    gates: torch.Tensor, outputs: list[torch.Tensor], d_out: torch.Tensor
+) -> torch.Tensor:
+    """``d gates [B,T,H,C]``: column ``c`` is ``<d_out, outputs[c]>`` per row.
+
+    The fused NSA backward's share of the gated sum: its branches take the ungated
+    ``d_out`` and their gate column, so no ``g_c * d_out`` is ever written.
+    """
+    return _gate_grads_op(gates, outputs, d_out)
 
 
 def _launch_meta(dv: int) -> dict[str, int]:
@@ -77,12 +90,7 @@ def _gated_sum_backward_op(
     outputs = [o.contiguous() for o in outputs]
     d_out = d_out.contiguous()
     d_gates, *d_outputs = _gated_sum_backward_fake(gates, outputs, d_out)
-    rows, dv = d_out.numel() // d_out.shape[-1], d_out.shape[-1]
-    meta = _launch_meta(dv)
-    _gated_sum_bwd_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
-        gates, *_padded(outputs), d_out, d_gates, *_padded(d_outputs), rows, dv,
-        N_BRANCHES=len(outputs), **meta,
-    )  # fmt: skip
+    _launch_backward(gates, outputs, d_out, d_gates, d_outputs)
     return [d_gates, *d_outputs]
 
 
@@ -91,6 +99,42 @@ def _gated_sum_backward_fake(
     gates: torch.Tensor, outputs: list[torch.Tensor], d_out: torch.Tensor
 ) -> list[torch.Tensor]:
     return [torch.empty_like(gates), *(torch.empty_like(o) for o in outputs)]
+
+
+@torch.library.custom_op("nsa_lab::gate_grads", mutates_args=())
+def _gate_grads_op(
+    gates: torch.Tensor, outputs: list[torch.Tensor], d_out: torch.Tensor
+) -> torch.Tensor:
+    gates = gates.contiguous()
+    outputs = [o.contiguous() for o in outputs]
+    d_out = d_out.contiguous()
+    d_gates = torch.empty_like(gates)
+    _launch_backward(gates, outputs, d_out, d_gates, None)
+    return d_gates
+
+
+@_gate_grads_op.register_fake
+def _gate_grads_fake(
+    gates: torch.Tensor, outputs: list[torch.Tensor], d_out: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(gates)
+
+
+def _launch_backward(
+    gates: torch.Tensor,
+    outputs: list[torch.Tensor],
+    d_out: torch.Tensor,
+    d_gates: torch.Tensor,
+    d_outputs: list[torch.Tensor] | None,
+) -> None:
+    """The backward kernel over contiguous tensors; ``d_outputs=None``: gate grads only."""
+    rows, dv = d_out.numel() // d_out.shape[-1], d_out.shape[-1]
+    meta = _launch_meta(dv)
+    branch_grads = d_outputs is not None
+    _gated_sum_bwd_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
+        gates, *_padded(outputs), d_out, d_gates, *_padded(d_outputs or [d_out]), rows, dv,
+        N_BRANCHES=len(outputs), BRANCH_GRADS=branch_grads, **meta,
+    )  # fmt: skip
 
 
 def _setup_backward(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -146,9 +190,11 @@ def _gated_sum_fwd_kernel(
 @triton.jit
 def _gated_sum_bwd_kernel(
     g_ptr, o0_ptr, o1_ptr, o2_ptr, dout_ptr, dg_ptr, do0_ptr, do1_ptr, do2_ptr, n_rows, dv,
-    N_BRANCHES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_BRANCHES: tl.constexpr, BRANCH_GRADS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """``d o_c = g_c * d_out`` and ``d g_c = <d_out, o_c>`` (per row) for every branch."""
+    """``d g_c = <d_out, o_c>`` (per row) for every branch and, with ``BRANCH_GRADS``,
+    ``d o_c = g_c * d_out``."""
     offs, mask, rows = _tile(tl.program_id(0) * BLOCK_R, n_rows, dv, BLOCK_R, BLOCK_D)
     row_ok = rows < n_rows
     g_row = rows.to(tl.int64) * N_BRANCHES
@@ -158,6 +204,8 @@ def _gated_sum_bwd_kernel(
         do_ptr = _branch(c, do0_ptr, do1_ptr, do2_ptr)
         g = tl.load(g_ptr + g_row + c, mask=row_ok, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(do_ptr + offs, (g[:, None] * d_out).to(do_ptr.dtype.element_ty), mask=mask)
+        if BRANCH_GRADS:
+            d_o = (g[:, None] * d_out).to(do_ptr.dtype.element_ty)
+            tl.store(do_ptr + offs, d_o, mask=mask)
         d_g = tl.sum(d_out * o, axis=1)
         tl.store(dg_ptr + g_row + c, d_g.to(dg_ptr.dtype.element_ty), mask=row_ok)

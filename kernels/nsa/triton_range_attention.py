@@ -215,6 +215,16 @@ def _add_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols):
 
 
 @triton.jit
+def _row_gates(base, rows, row_stride, n_rows):
+    """The branch gate of each query row (float32; 0 past ``n_rows``).
+
+    A gated backward computes the gradient of ``g * o`` from the ungated ``do``: the
+    probabilities scale by ``g`` row by row, ``delta`` stays ``rowsum(o * do)``.
+    """
+    return tl.load(base + rows * row_stride, mask=rows < n_rows, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _load_lse_log2(base, rows, row_stride, n_rows):
     """``lse * log2(e)`` of a query tile, the offset that turns log2 scores into probabilities.
 
@@ -432,7 +442,7 @@ def _dq_tiles(
     return dq
 
 
-@_autotune(_DQ_TILES, _SMALL_HEAD_DQ_TILES)
+@_autotune(_DQ_TILES, _SMALL_HEAD_DQ_TILES, restore_value=["DQ"])
 @triton.jit
 def _dq_kernel(
     Q,
@@ -443,6 +453,7 @@ def _dq_kernel(
     DQ,
     LSE,
     DELTA,
+    GATE,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -470,6 +481,9 @@ def _dq_kernel(
     stride_lb,
     stride_lt,
     stride_lh,
+    stride_gb,
+    stride_gt,
+    stride_gh,
     T,
     S,
     H,
@@ -483,12 +497,16 @@ def _dq_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
+    GATED: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """``dq`` of one query tile and head; first writes the tile's ``delta = rowsum(o * do)``.
 
     ``DELTA`` shares the strides of ``LSE``. Tiles run in reverse, as in the forward.
+    ``GATED``: the gradient of ``GATE * o`` (per row), which is ``GATE * dq``.
+    ``ACCUMULATE``: adds to ``DQ`` (the other branches' share) instead of writing it.
     """
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)
@@ -547,16 +565,15 @@ def _dq_kernel(
             segment != 1,
             PRECISION,
         )
-    _store_rows(
-        DQ + b * stride_dqb + h * stride_dqh,
-        dq * scale,
-        offs_m,
-        stride_dqt,
-        offs_dk,
-        stride_dqd,
-        T,
-        D_K,
-    )
+    dq = dq * scale
+    if GATED:
+        dq = dq * _row_gates(GATE + b * stride_gb + h * stride_gh, offs_m, stride_gt, T)[:, None]
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    if ACCUMULATE:
+        dq += _load_rows(dq_base, offs_m, stride_dqt, offs_dk, stride_dqd, T, D_K, True).to(
+            tl.float32
+        )
+    _store_rows(dq_base, dq, offs_m, stride_dqt, offs_dk, stride_dqd, T, D_K)
 
 
 @triton.jit
@@ -570,11 +587,13 @@ def _dkdv_tiles(
     do_base,
     lse_base,
     delta_base,
+    gate_base,
     stride_qt,
     stride_qd,
     stride_dot,
     stride_dod,
     stride_lt,
+    stride_gt,
     tile_start,
     tile_end,
     T,
@@ -587,6 +606,7 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,
     PRECISION: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """``dv += P^T @ dO`` and ``dk += dS^T @ Q`` over query tiles ``[tile_start, tile_end)``.
 
@@ -608,6 +628,8 @@ def _dkdv_tiles(
         if MASKED:
             seen = _visible(offs_m[None, :], key_ends[:, None], window)
             p_t = tl.where(seen, p_t, 0.0)
+        if GATED:
+            p_t = p_t * _row_gates(gate_base, offs_m, stride_gt, T)[None, :]
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
@@ -625,6 +647,7 @@ def _dkdv_kernel(
     DV,
     LSE,
     DELTA,
+    GATE,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -652,6 +675,9 @@ def _dkdv_kernel(
     stride_lb,
     stride_lt,
     stride_lh,
+    stride_gb,
+    stride_gt,
+    stride_gh,
     T,
     S,
     H,
@@ -665,6 +691,7 @@ def _dkdv_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -706,6 +733,7 @@ def _dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + b * stride_lb + h * stride_lh
         delta_base = DELTA + b * stride_lb + h * stride_lh
+        gate_base = GATE + b * stride_gb + h * stride_gh
         for segment in tl.static_range(3):
             start, end = _segment(segment, first, full_start, full_end, last)
             dk, dv = _dkdv_tiles(
@@ -718,11 +746,13 @@ def _dkdv_kernel(
                 do_base,
                 lse_base,
                 delta_base,
+                gate_base,
                 stride_qt,
                 stride_qd,
                 stride_dot,
                 stride_dod,
                 stride_lt,
+                stride_gt,
                 start,
                 end,
                 T,
@@ -735,6 +765,7 @@ def _dkdv_kernel(
                 BLOCK_M,
                 segment != 1,
                 PRECISION,
+                GATED,
             )
     _add_rows(
         DK + b * stride_dkb + g * stride_dkg,
@@ -854,6 +885,14 @@ def _forward(
     return o, lse
 
 
+def _gate_args(
+    gate: torch.Tensor | None, lse: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The gate pointer and its ``[B, T, H]`` strides; without a gate, ``lse`` stands in
+    (never read: the kernels compile the gate away)."""
+    return (lse, (0, 0, 0)) if gate is None else (gate, gate.stride())
+
+
 def _backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -861,17 +900,23 @@ def _backward(
     o: torch.Tensor,
     lse: torch.Tensor,
     do: torch.Tensor,
+    dq: torch.Tensor,
     keys: _Keys,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate: torch.Tensor | None,
+    accumulate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if _nothing_to_attend(q, k):
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if not accumulate:
+            dq.zero_()
+        return torch.zeros_like(k), torch.zeros_like(v)
     b, t_len, n_heads, _ = q.shape
-    dq = _empty(q.shape, q.dtype, q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # atomic-add targets
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     delta = _empty(lse.shape, torch.float32, q.device)  # same strides as lse: both contiguous
     scalars, dims = _scalars(q, k, keys, scale), _dims(q, v)
+    gate_ptr, gate_strides = _gate_args(gate, lse)
+    gated = {"GATED": gate is not None}
     _dq_kernel[_grid(t_len, "BLOCK_M", b * n_heads)](
         q,
         k,
@@ -881,6 +926,7 @@ def _backward(
         dq,
         lse,
         delta,
+        gate_ptr,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -888,8 +934,11 @@ def _backward(
         *do.stride(),
         *dq.stride(),
         *lse.stride(),
+        *gate_strides,
         *scalars,
         **dims,
+        **gated,
+        ACCUMULATE=accumulate,
     )
     _dkdv_kernel[_dkdv_grid(k.shape[1], b * k.shape[2], heads_per_group(q, k))](
         q,
@@ -900,6 +949,7 @@ def _backward(
         dv,
         lse,
         delta,
+        gate_ptr,
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -907,10 +957,12 @@ def _backward(
         *dk.stride(),
         *dv.stride(),
         *lse.stride(),
+        *gate_strides,
         *scalars,
         **dims,
+        **gated,
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dk.to(k.dtype), dv.to(v.dtype)
 
 
 # The kernels as PyTorch custom ops: torch.compile keeps each one as a single opaque node
@@ -938,7 +990,7 @@ def _range_attention_fake(
     )
 
 
-@torch.library.custom_op("nsa_lab::range_attention_backward", mutates_args=())
+@torch.library.custom_op("nsa_lab::range_attention_backward", mutates_args=("dq",))
 def _range_attention_backward_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -946,19 +998,24 @@ def _range_attention_backward_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     do: torch.Tensor,
+    dq: torch.Tensor,
     stride: int,
     offset: int,
     window: int | None,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, o, lse, do, _Keys(stride, offset, window), scale)
+    gate: torch.Tensor | None,
+    accumulate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(
+        q, k, v, o, lse, do, dq, _Keys(stride, offset, window), scale, gate, accumulate
+    )
 
 
 @_range_attention_backward_op.register_fake
 def _range_attention_backward_fake(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_rest: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -971,8 +1028,11 @@ def _setup_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _range_attention_grad(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
     q, k, v, o, lse = ctx.saved_tensors
-    grads = _range_attention_backward_op(q, k, v, o, lse, do, *ctx.keys, ctx.scale)
-    return (*grads, None, None, None, None)
+    dq = torch.empty_like(q)
+    dk, dv = _range_attention_backward_op(
+        q, k, v, o, lse, do, dq, *ctx.keys, ctx.scale, None, False
+    )
+    return dq, dk, dv, None, None, None, None
 
 
 _range_attention_op.register_autograd(_range_attention_grad, setup_context=_setup_backward)
@@ -1002,6 +1062,34 @@ def range_attention(
     """
     _check_inputs(q, k, v, stride, offset, window)
     return _range_attention_op(q, k, v, stride, offset, window, scale)
+
+
+def range_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dq: torch.Tensor,
+    *,
+    stride: int,
+    offset: int,
+    window: int | None,
+    scale: float,
+    gate: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dk, dv)`` of :func:`range_attention`'s ``(o, lse)``, and its ``dq`` into ``dq``.
+
+    For a fused NSA backward that never materialises a branch's own ``do`` or ``dq``:
+    ``gate [B,T,H]`` (any strides) makes it the gradient of ``gate[..., None] * o``
+    from the ungated ``do``; ``accumulate`` adds ``dq`` to what ``dq`` holds (another
+    branch's share) instead of overwriting it.
+    """
+    return _range_attention_backward_op(
+        q, k, v, o, lse, do, dq, stride, offset, window, scale, gate, accumulate
+    )
 
 
 def _check_inputs(

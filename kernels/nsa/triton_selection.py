@@ -155,6 +155,49 @@ def selection_attention_triton(
     return o
 
 
+def selection_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    l_sel: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, lse, tile_blocks)`` of :func:`selection_attention_triton`, without autograd:
+    for a fused NSA backward, which hands ``lse`` and ``tile_blocks`` back to
+    :func:`selection_attention_backward`."""
+    heads_per_group(q, k)
+    return _selection_attention_op(q, k, v, indices, l_sel, scale)
+
+
+def selection_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    tile_blocks: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dq: torch.Tensor,
+    *,
+    l_sel: int,
+    scale: float,
+    gate: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dk, dv)`` of the selection attention, and its ``dq`` into ``dq``.
+
+    ``gate [B,T,H]`` (any strides) makes it the gradient of ``gate[..., None] * o`` from
+    the ungated ``do``; ``accumulate`` adds ``dq`` to what ``dq`` holds (another
+    branch's share) instead of overwriting it. See ``range_attention_backward``.
+    """
+    return _selection_attention_backward_op(
+        q, k, v, indices, tile_blocks, o, lse, do, dq, l_sel, scale, gate, accumulate
+    )
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -372,7 +415,7 @@ def _selection_attention_fake(
     )
 
 
-@torch.library.custom_op("nsa_lab::selection_attention_backward", mutates_args=())
+@torch.library.custom_op("nsa_lab::selection_attention_backward", mutates_args=("dq",))
 def _selection_attention_backward_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -382,21 +425,25 @@ def _selection_attention_backward_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     do: torch.Tensor,
+    dq: torch.Tensor,
     l_sel: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate: torch.Tensor | None,
+    accumulate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, t_len, h, dk = q.shape
     n_groups, dv = k.shape[2], v.shape[3]
     hpg, n_sel = h // n_groups, math.ceil(t_len / l_sel)
     meta = _attention_meta(q, k, v, indices, l_sel)
-    dq = torch.empty_like(q)
     delta = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
+    # Without a gate, lse stands in for its pointer (never read: GATED compiles it away).
+    gate_ptr, gate_strides = (lse, (0, 0, 0)) if gate is None else (gate, gate.stride())
     _selection_dq_kernel[(tile_blocks.shape[1], b * n_groups)](
-        q, k, v, indices, tile_blocks, o, do, lse, dq, delta,
+        q, k, v, indices, tile_blocks, o, do, lse, dq, delta, gate_ptr,
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
-        *o.stride(), *do.stride(), *lse.stride(), *dq.stride(),
+        *o.stride(), *do.stride(), *lse.stride(), *dq.stride(), *gate_strides,
         t_len, n_groups, hpg, indices.shape[3], dk, dv, scale * LOG2E, scale,
-        **meta,
+        **meta, GATED=gate is not None, ACCUMULATE=accumulate,
     )  # fmt: skip
     dk_acc = torch.zeros(b, t_len, n_groups, dk, dtype=torch.float32, device=q.device)
     dv_acc = torch.zeros(b, t_len, n_groups, dv, dtype=torch.float32, device=q.device)
@@ -404,22 +451,22 @@ def _selection_attention_backward_op(
     if items.shape[0]:
         heads_pow2 = triton.next_power_of_2(hpg)
         _selection_dkdv_kernel[(items.shape[0],)](
-            q, k, v, do, lse, delta, dk_acc, dv_acc, items, positions,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
+            q, k, v, do, lse, delta, gate_ptr, dk_acc, dv_acc, items, positions,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *gate_strides,
             *dk_acc.stride(), *dv_acc.stride(),
             t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
             L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
             BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
-            PRECISION=meta["PRECISION"],
+            PRECISION=meta["PRECISION"], GATED=gate is not None,
         )  # fmt: skip
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    return dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
 
 @_selection_attention_backward_op.register_fake
 def _selection_attention_backward_fake(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_rest: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -432,10 +479,11 @@ def _setup_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _selection_attention_grad(ctx: Any, do: torch.Tensor, *_unused: Any) -> tuple:
     q, k, v, indices, tile_blocks, o, lse = ctx.saved_tensors
-    grads = _selection_attention_backward_op(
-        q, k, v, indices, tile_blocks, o, lse, do, ctx.l_sel, ctx.scale
+    dq = torch.empty_like(q)
+    dk, dv = _selection_attention_backward_op(
+        q, k, v, indices, tile_blocks, o, lse, do, dq, ctx.l_sel, ctx.scale, None, False
     )
-    return (*grads, None, None, None)
+    return dq, dk, dv, None, None, None
 
 
 _selection_attention_op.register_autograd(_selection_attention_grad, setup_context=_setup_backward)
@@ -630,6 +678,16 @@ def _union_size(tile_row, n_entries, stride_e, ENTRIES: tl.constexpr):
 
 
 @triton.jit
+def _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh):
+    """Each row's branch gate (float32), for the gated backward: the gradient of
+    ``g * o`` from the ungated ``do`` scales every probability of the row by ``g``."""
+    gates = tl.load(
+        gate_ptr + b * stride_gb + t * stride_gt + q_head * stride_gh, mask=row_ok, other=0.0
+    )
+    return gates.to(tl.float32)
+
+
+@triton.jit
 def _visible_keys(choices, block, key_ok, key_pos, t):
     """``[rows, BLOCK_L]``: which keys of ``block`` each row attends.
 
@@ -719,10 +777,11 @@ def _selection_fwd_kernel(
     _ATTENTION_KEY,
     small_head=_SMALL_HEAD_ATTENTION,
     head_dim_arg="dk",
+    restore_value=["dq_ptr"],
 )
 @triton.jit
 def _selection_dq_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, tiles_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, tiles_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, delta_ptr, gate_ptr,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kg, stride_kd,
     stride_vb, stride_vt, stride_vg, stride_vd,
@@ -732,16 +791,19 @@ def _selection_dq_kernel(
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lt, stride_lh,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_gb, stride_gt, stride_gh,
     t_len, n_groups, hpg, n, dk, dv, qk_scale, scale,
     L_SEL: tl.constexpr, HP: tl.constexpr, QPP: tl.constexpr, NP: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GATED: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     """dQ on the forward's grid and block union; also stores ``delta = rowsum(o * do)``.
 
     ``delta`` is for the dK/dV kernel; ``lse``/``delta`` share the ``[B, T, H]`` float32
     layout, so one set of strides serves both. A row that sees no key (``lse = -inf``)
-    gets ``p = 0`` everywhere, hence ``dq = 0``.
+    gets ``p = 0`` everywhere, hence ``dq = 0``. ``GATED``: the gradient of
+    ``gate * o`` per row (``gate * dq``; ``delta`` stays ungated); ``ACCUMULATE``: adds
+    to what ``dq`` holds.
     """
     tile = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -777,8 +839,14 @@ def _selection_dq_kernel(
         p = tl.where(visible, tl.exp2(qk - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    if GATED:
+        gates = _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh)
+        dq = dq * gates[:, None]
     dq_rows = b * stride_dqb + t * stride_dqt + q_head * stride_dqh
-    _store_rows(dq_ptr, dq_rows, row_ok, dq * scale, dk, stride_dqd, BLOCK_DK)
+    if ACCUMULATE:
+        dq += _load_rows(dq_ptr, dq_rows, row_ok, dk, stride_dqd, BLOCK_DK).to(tl.float32)
+    _store_rows(dq_ptr, dq_rows, row_ok, dq, dk, stride_dqd, BLOCK_DK)
 
 
 @autotune(
@@ -791,17 +859,19 @@ def _selection_dq_kernel(
 )
 @triton.jit
 def _selection_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, items_ptr, pos_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, gate_ptr, dk_ptr, dv_ptr, items_ptr, pos_ptr,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kg, stride_kd,
     stride_vb, stride_vt, stride_vg, stride_vd,
     stride_dob, stride_dot, stride_doh, stride_dod,
     stride_lb, stride_lt, stride_lh,
+    stride_gb, stride_gt, stride_gh,
     stride_dkb, stride_dkt, stride_dkg, stride_dkd,
     stride_dvb, stride_dvt, stride_dvg, stride_dvd,
     t_len, n_groups, n_sel, hpg, dk, dv, qk_scale, scale,
     L_SEL: tl.constexpr, HPP: tl.constexpr, ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of one selection block from one piece of the queries that chose it.
 
@@ -846,6 +916,9 @@ def _selection_dkdv_kernel(
         p_t = tl.where(
             key_ok[:, None] & row_ok[None, :] & causal, tl.exp2(qk_t - lse[None, :]), 0.0
         )
+        if GATED:
+            gates = _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh)
+            p_t = p_t * gates[None, :]
         dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
         dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)

@@ -255,7 +255,7 @@ def branch_breakdown(shape: Shape, t_len: int, params: NSAParams) -> list[str]:
             {"q": x["q"], "k": x["k_slc"], "v": x["v_slc"]},
         ),
         "win attention": (
-            lambda: triton_ops.window_branch(x["q"], x["k_win"], x["v_win"], params, scale),
+            lambda: triton_ops.window_branch(x["q"], x["k_win"], x["v_win"], params, scale)[0],
             {"q": x["q"], "k": x["k_win"], "v": x["v_win"]},
         ),
     }
