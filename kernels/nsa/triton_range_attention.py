@@ -218,8 +218,9 @@ def _add_rows(base, value, rows, row_stride, cols, col_stride, n_rows, n_cols):
 def _row_gates(base, rows, row_stride, n_rows):
     """The branch gate of each query row (float32; 0 past ``n_rows``).
 
-    A gated backward computes the gradient of ``g * o`` from the ungated ``do``: the
-    probabilities scale by ``g`` row by row, ``delta`` stays ``rowsum(o * do)``.
+    A gated backward computes the gradient of ``g * o`` from the ungated ``do``: dQ is
+    ``g`` times the ungated one; dK/dV see ``g * do`` and ``g * delta``, made in
+    registers (``g * do`` rounded to the input dtype, as a stored one would be).
     """
     return tl.load(base + rows * row_stride, mask=rows < n_rows, other=0.0).to(tl.float32)
 
@@ -505,7 +506,8 @@ def _dq_kernel(
     """``dq`` of one query tile and head; first writes the tile's ``delta = rowsum(o * do)``.
 
     ``DELTA`` shares the strides of ``LSE``. Tiles run in reverse, as in the forward.
-    ``GATED``: the gradient of ``GATE * o`` (per row), which is ``GATE * dq``.
+    ``GATED``: the gradient of ``GATE * o`` (per row), which is ``GATE * dq``; ``DELTA``
+    then holds ``GATE * delta``, what the dK/dV kernel needs with its ``do`` gated.
     ``ACCUMULATE``: adds to ``DQ`` (the other branches' share) instead of writing it.
     """
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -527,7 +529,11 @@ def _dq_kernel(
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stats_offset = b * stride_lb + h * stride_lh
-    tl.store(DELTA + stats_offset + offs_m * stride_lt, delta, mask=offs_m < T)
+    if GATED:
+        gates = _row_gates(GATE + b * stride_gb + h * stride_gh, offs_m, stride_gt, T)
+        tl.store(DELTA + stats_offset + offs_m * stride_lt, delta * gates, mask=offs_m < T)
+    else:
+        tl.store(DELTA + stats_offset + offs_m * stride_lt, delta, mask=offs_m < T)
     lse2 = _load_lse_log2(LSE + stats_offset, offs_m, stride_lt, T)
     k_base = K + b * stride_kb + g * stride_kg
     v_base = V + b * stride_vb + g * stride_vg
@@ -567,7 +573,7 @@ def _dq_kernel(
         )
     dq = dq * scale
     if GATED:
-        dq = dq * _row_gates(GATE + b * stride_gb + h * stride_gh, offs_m, stride_gt, T)[:, None]
+        dq = dq * gates[:, None]
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     if ACCUMULATE:
         dq += _load_rows(dq_base, offs_m, stride_dqt, offs_dk, stride_dqd, T, D_K, True).to(
@@ -620,6 +626,9 @@ def _dkdv_tiles(
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, offs_m, stride_qt, offs_dk, stride_qd, T, D_K, MASKED)
         do = _load_rows(do_base, offs_m, stride_dot, offs_dv, stride_dod, T, D_V, MASKED)
+        if GATED:  # delta arrives gated from the dQ kernel
+            gates = _row_gates(gate_base, offs_m, stride_gt, T)
+            do = (do.to(tl.float32) * gates[:, None]).to(q.dtype)
         lse2 = _load_lse_log2(lse_base, offs_m, stride_lt, T)
         delta = tl.load(delta_base + offs_m * stride_lt, mask=offs_m < T, other=0.0)
         p_t = tl.math.exp2(
@@ -628,8 +637,6 @@ def _dkdv_tiles(
         if MASKED:
             seen = _visible(offs_m[None, :], key_ends[:, None], window)
             p_t = tl.where(seen, p_t, 0.0)
-        if GATED:
-            p_t = p_t * _row_gates(gate_base, offs_m, stride_gt, T)[None, :]
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)

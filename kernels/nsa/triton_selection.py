@@ -679,8 +679,8 @@ def _union_size(tile_row, n_entries, stride_e, ENTRIES: tl.constexpr):
 
 @triton.jit
 def _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh):
-    """Each row's branch gate (float32), for the gated backward: the gradient of
-    ``g * o`` from the ungated ``do`` scales every probability of the row by ``g``."""
+    """Each row's branch gate (float32), for the gated backward of ``g * o`` from the
+    ungated ``do`` (see the range kernels' ``_row_gates``)."""
     gates = tl.load(
         gate_ptr + b * stride_gb + t * stride_gt + q_head * stride_gh, mask=row_ok, other=0.0
     )
@@ -802,8 +802,9 @@ def _selection_dq_kernel(
     ``delta`` is for the dK/dV kernel; ``lse``/``delta`` share the ``[B, T, H]`` float32
     layout, so one set of strides serves both. A row that sees no key (``lse = -inf``)
     gets ``p = 0`` everywhere, hence ``dq = 0``. ``GATED``: the gradient of
-    ``gate * o`` per row (``gate * dq``; ``delta`` stays ungated); ``ACCUMULATE``: adds
-    to what ``dq`` holds.
+    ``gate * o`` per row (``gate * dq``), and the stored ``delta`` is ``gate * delta``,
+    what the dK/dV kernel needs with its ``do`` gated; ``ACCUMULATE``: adds to what
+    ``dq`` holds.
     """
     tile = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -820,7 +821,11 @@ def _selection_dq_kernel(
     do = _load_rows(do_ptr, do_rows, row_ok, dv, stride_dod, BLOCK_DV)
     row_stat = b * stride_lb + t * stride_lt + q_head * stride_lh
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(delta_ptr + row_stat, delta, mask=row_ok)
+    if GATED:
+        gates = _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh)
+        tl.store(delta_ptr + row_stat, delta * gates, mask=row_ok)
+    else:
+        tl.store(delta_ptr + row_stat, delta, mask=row_ok)
     lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=0.0)
     choices = _row_choices(
         idx_ptr + b * stride_ib + g * stride_ig, t, row_ok, n, stride_it, stride_in, NP
@@ -841,7 +846,6 @@ def _selection_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
     if GATED:
-        gates = _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh)
         dq = dq * gates[:, None]
     dq_rows = b * stride_dqb + t * stride_dqt + q_head * stride_dqh
     if ACCUMULATE:
@@ -908,6 +912,9 @@ def _selection_dkdv_kernel(
         q = _load_rows(q_ptr, q_rows, row_ok, dk, stride_qd, BLOCK_DK)
         do_rows = b * stride_dob + t * stride_dot + q_head * stride_doh
         do = _load_rows(do_ptr, do_rows, row_ok, dv, stride_dod, BLOCK_DV)
+        if GATED:  # delta arrives gated from the dQ kernel
+            gates = _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh)
+            do = (do.to(tl.float32) * gates[:, None]).to(q.dtype)
         row_stat = b * stride_lb + t * stride_lt + q_head * stride_lh
         lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + row_stat, mask=row_ok, other=0.0)
@@ -916,9 +923,6 @@ def _selection_dkdv_kernel(
         p_t = tl.where(
             key_ok[:, None] & row_ok[None, :] & causal, tl.exp2(qk_t - lse[None, :]), 0.0
         )
-        if GATED:
-            gates = _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh)
-            p_t = p_t * gates[None, :]
         dv_acc += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
         dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
