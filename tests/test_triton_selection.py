@@ -192,7 +192,7 @@ def test_selection_attention_rows_that_see_no_key_or_share_blocks(poisoned, hpg)
         assert not out[batch, t, heads].any() and not dq[batch, t, heads].any()
 
 
-@pytest.mark.parametrize("hpg", [16, 4, 1])
+@pytest.mark.parametrize("hpg", [4, 1])
 def test_forward_writes_each_tiles_block_union_once(poisoned, hpg):
     """The forward kernel builds every tile's union of chosen blocks (the dQ kernel walks
     it again): each distinct block once, descending, then -1 to the row's end, also in
@@ -215,6 +215,26 @@ def test_forward_writes_each_tiles_block_union_once(poisoned, hpg):
     # The PyTorch diagnostic of union sizes (scripts/selection_unions.py) counts the same.
     kernel_mean = (tiles >= 0).sum(-1).float().mean().item()  # approx of a CUDA tensor fails
     assert mean_tile_union(indices, qpp) == pytest.approx(kernel_mean)
+
+
+@pytest.mark.parametrize("hpg", [16, 32])
+def test_one_position_tiles_store_no_union(poisoned, hpg):
+    """At 16 or more heads per group a tile is one position: its union is its own choices,
+    which the kernels sort in registers; nothing is stored, and the output and gradients
+    still match (empty slots anywhere, a block chosen after the position's own)."""
+    torch.manual_seed(hpg)
+    b, t_len, g, l_sel, n = 2, 21, 1, 4, 3
+    assert triton_selection._positions_per_tile(hpg) == 1
+    q, k, v = random_qkv(b, t_len, hpg, g, 16, 16)
+    scores = torch.rand(b, t_len, g, math.ceil(t_len / l_sel), device=DEVICE)
+    indices = select_blocks(scores, n, l_sel, False)
+    indices[0, 2, 0] = torch.tensor([-1, 4, -1])  # only a later block: sees no key
+    indices = shuffled_slots(indices)
+    with torch.no_grad():
+        _, _, tiles = triton_selection._selection_attention_op(q, k, v, indices, l_sel, 0.25)
+    assert tiles.shape == (b, t_len, g, 0)
+    out, dq, _, _ = assert_selection_attention_matches_torch(q, k, v, indices, l_sel)
+    assert not out[0, 2].any() and not dq[0, 2].any()
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])

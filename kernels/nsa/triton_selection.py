@@ -18,7 +18,8 @@ Same functions as ``torch_ops.selection_scores`` + ``select_blocks`` and
   MMA needs, so neighbouring positions fill the rest. Neighbouring positions' selections
   overlap (the forced first and local blocks, and the blocks their similar queries
   score high), so the program walks the union of the tile's selections, each distinct
-  block once, and each row attends a block only if its own position chose it. Its
+  block once, and each row attends a block only if its own position chose it. A tile
+  of one position (16 or more heads per group) walks its own choices, from registers. Its
   backward computes dQ on the same grid and the same union, and dK/dV from an inverse
   index (which queries chose block ``j``), one program per block and chunk of its
   queries, so the block's K/V are loaded once per program and its gradient leaves by
@@ -388,8 +389,9 @@ def _selection_attention_op(
     n_tiles = triton.cdiv(t_len, meta["QPP"])
     # Filled by the forward kernel (each tile's block union), read again by dQ's.
     tile_blocks = torch.empty(
-        b, n_tiles, n_groups, meta["QPP"] * indices.shape[3], dtype=torch.int32, device=q.device
-    )
+        b, n_tiles, n_groups, _union_width(meta["QPP"], indices.shape[3]),
+        dtype=torch.int32, device=q.device,
+    )  # fmt: skip
     _selection_fwd_kernel[(n_tiles, b * n_groups)](
         q, k, v, indices, tile_blocks, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
@@ -407,7 +409,7 @@ def _selection_attention_fake(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     b, t_len, h, _ = q.shape
     qpp = _positions_per_tile(heads_per_group(q, k))
-    tiles, slots = triton.cdiv(t_len, qpp), qpp * indices.shape[3]
+    tiles, slots = triton.cdiv(t_len, qpp), _union_width(qpp, indices.shape[3])
     return (
         q.new_empty(b, t_len, h, v.shape[3]),
         q.new_empty(b, t_len, h, dtype=torch.float32),
@@ -497,6 +499,12 @@ def _dim_block(dim: int) -> int:
 def _positions_per_tile(hpg: int) -> int:
     """Query positions per forward/dQ program: enough to fill ``MMA_ROWS`` rows, at least 1."""
     return max(1, MMA_ROWS // triton.next_power_of_2(hpg))
+
+
+def _union_width(qpp: int, n: int) -> int:
+    """Entries of a tile's stored union: every slot of its positions; none for a tile of
+    one position, whose union the kernels keep in registers (``_own_blocks``)."""
+    return qpp * n if qpp > 1 else 0
 
 
 def _attention_meta(
@@ -678,6 +686,27 @@ def _union_size(tile_row, n_entries, stride_e, ENTRIES: tl.constexpr):
 
 
 @triton.jit
+def _own_blocks(choices):
+    """A one-position tile's union: the position's own choices (every row is one of its
+    heads, the padded rows chose nothing), descending, -1 last, and how many there are.
+    Kept in registers: at 16 or more heads per group (the paper's shape) a tile is one
+    position, and storing its union and reading it back would buy nothing."""
+    own = tl.sort(tl.max(choices, axis=0), descending=True)
+    return own, tl.sum((own >= 0).to(tl.int32), 0)
+
+
+@triton.jit
+def _union_entry(own, tile_row, entry, stride_te, QPP: tl.constexpr, NP: tl.constexpr):
+    """Entry ``entry`` of the tile's union: from registers for a one-position tile
+    (:func:`_own_blocks`), else from the row the forward kernel wrote."""
+    if QPP == 1:
+        block = tl.max(tl.where(tl.arange(0, NP) == entry, own, -1), 0)
+    else:
+        block = tl.load(tile_row + entry * stride_te, cache_modifier=".cg")
+    return block
+
+
+@triton.jit
 def _row_gates(gate_ptr, b, t, q_head, row_ok, stride_gb, stride_gt, stride_gh):
     """Each row's branch gate (float32), for the gated backward of ``g * o`` from the
     ungated ``do`` (see the range kernels' ``_row_gates``)."""
@@ -745,12 +774,14 @@ def _selection_fwd_kernel(
     l_i = tl.zeros((QPP * HP,), dtype=tl.float32)
     acc = tl.zeros((QPP * HP, BLOCK_DV), dtype=tl.float32)
     tile_row = tiles_ptr + b * stride_tb + tile * stride_tt + g * stride_tg
-    n_union = _write_union(
-        idx_ptr + b * stride_ib + g * stride_ig, tile_row, tile, t_len, n,
-        stride_it, stride_in, stride_te, QPP, NP,
-    )  # fmt: skip
+    own, n_union = _own_blocks(choices)
+    if QPP > 1:
+        n_union = _write_union(
+            idx_ptr + b * stride_ib + g * stride_ig, tile_row, tile, t_len, n,
+            stride_it, stride_in, stride_te, QPP, NP,
+        )  # fmt: skip
     for entry in range(n_union):
-        block = tl.load(tile_row + entry * stride_te, cache_modifier=".cg")
+        block = _union_entry(own, tile_row, entry, stride_te, QPP, NP)
         k, v, key_ok, key_pos = _load_block(
             k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
@@ -834,8 +865,11 @@ def _selection_dq_kernel(
     v_cols, dv_ok = _columns(v_ptr + b * stride_vb + g * stride_vg, dv, stride_vd, BLOCK_DV)
     dq = tl.zeros((QPP * HP, BLOCK_DK), dtype=tl.float32)
     tile_row = tiles_ptr + b * stride_tb + tile * stride_tt + g * stride_tg
-    for entry in range(_union_size(tile_row, QPP * n, stride_te, QPP * NP)):
-        block = tl.load(tile_row + entry * stride_te)
+    own, n_union = _own_blocks(choices)
+    if QPP > 1:
+        n_union = _union_size(tile_row, QPP * n, stride_te, QPP * NP)
+    for entry in range(n_union):
+        block = _union_entry(own, tile_row, entry, stride_te, QPP, NP)
         k, v, key_ok, key_pos = _load_block(
             k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
         )
