@@ -59,14 +59,28 @@ _SMALL_HEAD_SCORE = [({"BLOCK_M": 64}, 4, 2)]
 _SMALL_HEAD_ATTENTION = [({}, 4, 2), ({}, 2, 3)]
 _INTERPRETER_SCORE, _INTERPRETER_ATTENTION = ({"BLOCK_M": 16}, 4, 1), ({}, 4, 1)
 _ATTENTION_KEY = ["hpg", "dk", "dv"]
+# dK/dV kernel: (query, head) rows per inner step (ROWS) and launch options. At head dim
+# 128, sm_90 compile reports show every 64-row candidate spilling registers (96 B to
+# 11 KB of stack); 32 rows with 8 warps and 16 rows with 4 warps fit. Small heads keep
+# the H100 pick of 2026-11-27 (64 rows). The interpreter takes 16 rows, fewer than the
+# 32 heads of a test's group, to exercise a step of one position.
+_DKDV_CANDIDATES = [
+    ({"ROWS": 64}, 4, 2),
+    ({"ROWS": 64}, 8, 2),
+    ({"ROWS": 32}, 8, 2),
+    ({"ROWS": 32}, 4, 2),
+    ({"ROWS": 16}, 4, 2),
+    ({"ROWS": 16}, 4, 3),
+]
+_SMALL_HEAD_DKDV = [({"ROWS": 64}, 4, 2)]
+_INTERPRETER_DKDV = ({"ROWS": 16}, 4, 1)
 # Forward and dQ kernels: (position, head) rows per program, the M of every tl.dot. Fewer
 # heads per group than this are made up with neighbouring positions.
 MMA_ROWS = 16
 # Top-n kernel: scores held per program (rows x padded Nsel).
 TOP_N_TILE_ELEMENTS = 4096
-# dK/dV kernel: (query, head) rows per inner step, and queries per program. Block 0 is
-# chosen by every query, so its list is split into pieces of at most this many queries.
-DKDV_ROWS = 64
+# dK/dV kernel: queries per program. Block 0 is chosen by every query, so its list is
+# split into pieces of at most this many queries.
 DKDV_MAX_QUERIES = 256
 
 
@@ -457,7 +471,7 @@ def _selection_attention_backward_op(
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(), *gate_strides,
             *dk_acc.stride(), *dv_acc.stride(),
             t_len, n_groups, n_sel, hpg, dk, dv, scale * LOG2E, scale,
-            L_SEL=l_sel, HPP=heads_pow2, ROWS=max(DKDV_ROWS, heads_pow2),
+            L_SEL=l_sel, HPP=heads_pow2,
             BLOCK_L=meta["BLOCK_L"], BLOCK_DK=meta["BLOCK_DK"], BLOCK_DV=meta["BLOCK_DV"],
             PRECISION=meta["PRECISION"], GATED=gate is not None,
         )  # fmt: skip
@@ -888,10 +902,10 @@ def _selection_dq_kernel(
 
 
 @autotune(
-    _ATTENTION_CANDIDATES,
-    _INTERPRETER_ATTENTION,
+    _DKDV_CANDIDATES,
+    _INTERPRETER_DKDV,
     _ATTENTION_KEY,
-    small_head=_SMALL_HEAD_ATTENTION[:1],
+    small_head=_SMALL_HEAD_DKDV,
     head_dim_arg="dk",
     reset_to_zero=["dk_ptr", "dv_ptr"],
 )
@@ -914,7 +928,7 @@ def _selection_dkdv_kernel(
     """dK/dV of one selection block from one piece of the queries that chose it.
 
     K/V of the block stay in registers while the piece's queries stream past,
-    ``ROWS // HPP`` positions (all their group heads) per step, in transposed form
+    ``ceil(ROWS / HPP)`` positions (all their group heads) per step, in transposed form
     (keys x rows) so both gradients accumulate as ``[BLOCK_L, D]``. The partial sums
     leave by one float32 atomic add per element: other pieces of the same block add theirs.
     """
@@ -932,8 +946,8 @@ def _selection_dkdv_kernel(
     k, v, key_ok, key_pos = _load_block(
         k_cols, v_cols, dk_ok, dv_ok, block, last, stride_kt, stride_vt, L_SEL, BLOCK_L
     )
-    QUERIES: tl.constexpr = ROWS // HPP
-    row = tl.arange(0, ROWS)
+    QUERIES: tl.constexpr = (ROWS + HPP - 1) // HPP
+    row = tl.arange(0, QUERIES * HPP)
     head = row % HPP
     q_head = g * hpg + head
     dk_acc = tl.zeros((BLOCK_L, BLOCK_DK), dtype=tl.float32)
