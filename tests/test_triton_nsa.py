@@ -161,9 +161,12 @@ def test_layer_triton_matches_torch_including_phi_and_gate_grads(name):
         assert rel_err(p.grad, ref) < TOL or (p.grad - ref).abs().max() < 1e-6, pname
 
 
-def test_compiled_graph_keeps_the_kernels_as_ops_and_their_results():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_graph_keeps_the_kernels_as_ops_and_their_results(backend):
     """Every Triton launch is a PyTorch custom op: torch.compile captures the whole NSA
-    op in one graph (``fullgraph``: no break) and gives the eager values and gradients."""
+    op in one graph (``fullgraph``: no break) and gives the eager values and gradients.
+    Inductor (what ``train.compile`` uses) also rewrites the backward's ops that add
+    into one ``dq`` buffer in place of their functional form, and must keep them right."""
     params = NSAParams(l=8, d=4, l_sel=8, n=3, w=16)
     torch.manual_seed(3)
     x = random_inputs(40, 4, 2, 16, 16, params)
@@ -172,7 +175,7 @@ def test_compiled_graph_keeps_the_kernels_as_ops_and_their_results():
     def loss(q: torch.Tensor, gates: torch.Tensor, kv: dict) -> torch.Tensor:
         return nsa_attention_triton(q * 2.0, gates, params, **kv).sin().sum()
 
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
     kv = {k: v for k, v in x.items() if k not in ("q", "gates")}
     results = [fn(x["q"], x["gates"], kv) for fn in (loss, compiled)]
     grads = [torch.autograd.grad(r, leaves) for r in results]
