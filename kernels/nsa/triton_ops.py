@@ -33,20 +33,28 @@ from nsa_lab.kernels.nsa.triton_selection import (
 )
 
 
+def _cmp_keys(params: NSAParams) -> dict[str, int | None]:
+    """The compression branch as a range: block ``i`` ends at ``i*d + l - 1``, no window."""
+    return {"stride": params.d, "offset": params.l - 1, "window": None}
+
+
+def _win_keys(params: NSAParams) -> dict[str, int | None]:
+    """The window branch as a range: raw keys, the last ``w`` positions."""
+    return {"stride": 1, "offset": 0, "window": params.w}
+
+
 def compression_branch(
     q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, params: NSAParams, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o_cmp, lse)``: attention over the compressed blocks visible to each query."""
-    return range_attention(
-        q, kc, vc, stride=params.d, offset=params.l - 1, window=None, scale=scale
-    )
+    return range_attention(q, kc, vc, **_cmp_keys(params), scale=scale)
 
 
 def window_branch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: NSAParams, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o_win, lse)``: attention over the last ``w`` positions, the query's own included."""
-    return range_attention(q, k, v, stride=1, offset=0, window=params.w, scale=scale)
+    return range_attention(q, k, v, **_win_keys(params), scale=scale)
 
 
 def sliding_window_attention_triton(
@@ -172,14 +180,6 @@ class _GatedBranches(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _cmp_keys(params: NSAParams) -> dict[str, int | None]:
-    return {"stride": params.d, "offset": params.l - 1, "window": None}
-
-
-def _win_keys(params: NSAParams) -> dict[str, int | None]:
-    return {"stride": 1, "offset": 0, "window": params.w}
 
 
 def nsa_attention_triton(
