@@ -202,9 +202,9 @@ def _gated_sum_bwd_kernel(
     for c in tl.static_range(N_BRANCHES):
         o_ptr = _branch(c, o0_ptr, o1_ptr, o2_ptr)
         do_ptr = _branch(c, do0_ptr, do1_ptr, do2_ptr)
-        g = tl.load(g_ptr + g_row + c, mask=row_ok, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if BRANCH_GRADS:
+            g = tl.load(g_ptr + g_row + c, mask=row_ok, other=0.0).to(tl.float32)
             d_o = (g[:, None] * d_out).to(do_ptr.dtype.element_ty)
             tl.store(do_ptr + offs, d_o, mask=mask)
         d_g = tl.sum(d_out * o, axis=1)

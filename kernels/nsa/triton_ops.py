@@ -9,9 +9,10 @@
 
 The branches and their gated sum are one autograd node (:class:`_GatedBranches`). Its
 backward computes the gate gradients, then hands every branch the ungated ``do`` and
-its gate column: each branch's kernels scale their probabilities by the gate and add
-their ``dq`` into one buffer. Separate nodes would write ``g_c * do`` and a ``dq`` per
-branch, six tensors as large as the output (1 GiB each at 64k in the paper's shape).
+its gate column: each branch's dQ kernel scales its dQ by the gate and adds it into one
+buffer, and its dK/dV kernel scales ``do`` by the gate as it loads it. Separate nodes
+would write ``g_c * do`` and a ``dq`` per branch, six tensors as large as the output
+(1 GiB each at 64k in the paper's shape).
 """
 
 from __future__ import annotations

@@ -892,11 +892,10 @@ def _forward(
     return o, lse
 
 
-def _gate_args(
-    gate: torch.Tensor | None, lse: torch.Tensor
-) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The gate pointer and its ``[B, T, H]`` strides; without a gate, ``lse`` stands in
-    (never read: the kernels compile the gate away)."""
+def gate_args(gate: torch.Tensor | None, lse: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The gate pointer and its ``[B, T, H]`` strides for a gated backward kernel (here
+    and in ``triton_selection``); without a gate, ``lse`` stands in (never read: the
+    kernels compile the gate away)."""
     return (lse, (0, 0, 0)) if gate is None else (gate, gate.stride())
 
 
@@ -922,7 +921,7 @@ def _backward(
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     delta = _empty(lse.shape, torch.float32, q.device)  # same strides as lse: both contiguous
     scalars, dims = _scalars(q, k, keys, scale), _dims(q, v)
-    gate_ptr, gate_strides = _gate_args(gate, lse)
+    gate_ptr, gate_strides = gate_args(gate, lse)
     gated = {"GATED": gate is not None}
     _dq_kernel[_grid(t_len, "BLOCK_M", b * n_heads)](
         q,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from nsa_lab.kernels.nsa.spec import heads_per_group, softmax_scale
+from nsa_lab.kernels.nsa.triton_range_attention import gate_args
 from nsa_lab.kernels.nsa.triton_tuning import autotune, dot_precision
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -452,8 +453,7 @@ def _selection_attention_backward_op(
     hpg, n_sel = h // n_groups, math.ceil(t_len / l_sel)
     meta = _attention_meta(q, k, v, indices, l_sel)
     delta = torch.empty(b, t_len, h, dtype=torch.float32, device=q.device)
-    # Without a gate, lse stands in for its pointer (never read: GATED compiles it away).
-    gate_ptr, gate_strides = (lse, (0, 0, 0)) if gate is None else (gate, gate.stride())
+    gate_ptr, gate_strides = gate_args(gate, lse)
     _selection_dq_kernel[(tile_blocks.shape[1], b * n_groups)](
         q, k, v, indices, tile_blocks, o, do, lse, dq, delta, gate_ptr,
         *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *tile_blocks.stride(),
